@@ -1,0 +1,34 @@
+"""The code location: every domain's definitions merged, with resources for the environment."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from mlops_assets.models.assets import defs as models_defs
+from mlops_assets.platform.assets import defs as platform_defs
+from mlops_assets.resources import build_resources
+from mlops_assets.serving.assets import defs as serving_defs
+from mlops_assets.settings import load_settings
+
+lifecycle_job = dg.define_asset_job(
+    "lifecycle_job",
+    selection=dg.AssetSelection.all(),
+    description="Bring the platform up, train and register a model version, serve its champion.",
+)
+observe_serving_job = dg.define_asset_job(
+    "observe_serving_job",
+    selection=dg.AssetSelection.groups("serving"),
+    description="Record every InferenceService's traffic and request counts (applies nothing new).",
+)
+
+
+def build_definitions() -> dg.Definitions:
+    return dg.Definitions.merge(
+        platform_defs,
+        models_defs,
+        serving_defs,
+        dg.Definitions(jobs=[lifecycle_job, observe_serving_job], resources=build_resources(load_settings())),
+    )
+
+
+defs = build_definitions()

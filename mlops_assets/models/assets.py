@@ -1,0 +1,73 @@
+"""`models/<name>`: a registered model in MLflow, trained and registered by materializing it."""
+
+
+import dagster as dg
+from pydantic import Field
+
+from mlops_assets.models.registry import CHALLENGER, CHAMPION, MlflowRegistry, UnknownModelError
+
+GROUP = "models"
+#: The demo model family: every name gets a `models/<name>` and a `serving/<name>` asset.
+MODEL_NAMES = ["fraud_detector"]
+
+
+class TrainingConfig(dg.Config):
+    n_rows: int = Field(default=20_000, ge=100, le=5_000_000, description="rows of generated data")
+    seed: int = Field(default=0, description="data seed")
+    shift: float = Field(default=0.0, ge=-3.0, le=3.0, description="distribution shift in standard deviations")
+
+
+def _versions_table(versions) -> str:
+    lines = ["| version | aliases | created (ms) | run | tags |", "|---|---|---|---|---|"]
+    for v in versions[:20]:
+        tags = ", ".join(f"{k}={val}" for k, val in sorted(v.tags.items()))
+        lines.append(f"| {v.version} | {', '.join(v.aliases) or '-'} | {v.created_ms} | {v.run_id[:8]} | {tags} |")
+    return "\n".join(lines)
+
+
+def build_model_asset(model_name: str) -> dg.AssetsDefinition:
+    @dg.asset(
+        name=model_name,
+        key_prefix=["models"],
+        group_name=GROUP,
+        deps=[dg.AssetKey(["platform", "mlflow_backend_store"]), dg.AssetKey(["platform", "artifact_store"])],
+        kinds={"mlflow", "scikitlearn"},
+    )
+    def _model(context: dg.AssetExecutionContext, config: TrainingConfig, mlflow: MlflowRegistry) -> dg.MaterializeResult:
+        """A registered model in MLflow. Materializing trains on freshly generated data, logs the
+        model with its signature, input example and training-data snapshot, and registers a new
+        version: the first becomes `champion`, later ones `challenger` (a rollout promotes them)."""
+        from mlops_assets.models.training import train_and_register
+
+        context.log.info(f"training {model_name}: {config.n_rows} rows, seed {config.seed}, shift {config.shift}")
+        version = train_and_register(
+            mlflow, model_name, n_rows=config.n_rows, seed=config.seed, shift=config.shift, triggered_by=f"dagster run {context.run_id}"
+        )
+        try:
+            champion = mlflow.version_by_alias(model_name, CHAMPION).version
+        except UnknownModelError:
+            champion = None
+        alias = CHAMPION if champion is None else CHALLENGER
+        mlflow.set_alias(model_name, alias, version.version)
+        context.log.info(f"registered {model_name} version {version.version} as {alias} (auc {version.metrics.get('auc', 0):.3f})")
+        versions = mlflow.versions(model_name)
+        metadata = {
+            "version": version.version,
+            "alias": alias,
+            "champion_version": champion or version.version,
+            "model_uri": version.model_uri,
+            "run_id": version.run_id,
+            "auc": version.metrics.get("auc"),
+            "fraud_rate": version.metrics.get("fraud_rate"),
+            "versions": dg.MetadataValue.md(_versions_table(versions)),
+            "n_versions": len(versions),
+        }
+        if mlflow.ui_url:
+            metadata["mlflow_ui"] = dg.MetadataValue.url(mlflow.model_ui_url(model_name, version.version))
+        return dg.MaterializeResult(metadata=metadata)
+
+    return _model
+
+
+model_assets = [build_model_asset(name) for name in MODEL_NAMES]
+defs = dg.Definitions(assets=model_assets)

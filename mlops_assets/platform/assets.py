@@ -1,0 +1,81 @@
+"""`platform/*`: the installed pieces, so the UI shows the platform itself beside the models."""
+
+
+import dagster as dg
+
+from mlops_assets.platform.resources import PlatformServices
+from mlops_assets.serving.platform import ServingPlatform
+
+GROUP = "platform"
+
+
+def _meta(info: dict) -> dict:
+    out = {}
+    for key, value in info.items():
+        if key == "url" and value:
+            out[key] = dg.MetadataValue.url(str(value))
+        elif key == "log":
+            out[key] = dg.MetadataValue.path(str(value))
+        else:
+            out[key] = value
+    return out
+
+
+@dg.asset(key=["platform", "mlflow_backend_store"], group_name=GROUP, kinds={"mlflow", "sqlite"})
+def mlflow_backend_store(context: dg.AssetExecutionContext, platform_services: PlatformServices) -> dg.MaterializeResult:
+    """MLflow's backend store (runs, registered models, aliases). Locally a SQLite file under
+    MLOPS_HOME; on a cluster PostgreSQL. Materializing creates and migrates it."""
+    info = platform_services.backend_store()
+    context.log.info(f"MLflow backend store ready: {info['uri']}")
+    return dg.MaterializeResult(metadata=_meta(info))
+
+
+@dg.asset(key=["platform", "artifact_store"], group_name=GROUP, kinds={"mlflow"})
+def artifact_store(context: dg.AssetExecutionContext, platform_services: PlatformServices) -> dg.MaterializeResult:
+    """Where model files and training snapshots live. Locally a directory; on a cluster MinIO/S3."""
+    info = platform_services.artifact_store()
+    context.log.info(f"artifact store ready: {info['uri']}")
+    return dg.MaterializeResult(metadata=_meta(info))
+
+
+@dg.asset(
+    key=["platform", "mlflow_server"],
+    group_name=GROUP,
+    deps=[mlflow_backend_store, artifact_store],
+    kinds={"mlflow"},
+)
+def mlflow_server(context: dg.AssetExecutionContext, platform_services: PlatformServices) -> dg.MaterializeResult:
+    """The MLflow tracking server, for its UI: bound to 127.0.0.1, one worker, job execution off.
+    Idempotent: a running server is reused."""
+    info = platform_services.tracking_server()
+    context.log.info(f"MLflow UI at {info['url']}")
+    return dg.MaterializeResult(metadata=_meta(info))
+
+
+@dg.asset(key=["platform", "prometheus"], group_name=GROUP, kinds={"prometheus"})
+def prometheus(context: dg.AssetExecutionContext, platform_services: PlatformServices) -> dg.MaterializeResult:
+    """Prometheus scraping every router and model server. Locally started when the binary is on
+    PATH (Debian package `prometheus`); without it, metrics are read straight from the routers."""
+    info = platform_services.prometheus()
+    context.log.info(f"Prometheus: {info}")
+    return dg.MaterializeResult(metadata=_meta(info))
+
+
+@dg.asset(key=["platform", "kserve"], group_name=GROUP, kinds={"kubernetes"})
+def kserve(context: dg.AssetExecutionContext, serving: ServingPlatform) -> dg.MaterializeResult:
+    """The serving control plane. Locally: the embedded KServe equivalent; materializing reconciles
+    every recorded InferenceService (restarts routers or model servers that died)."""
+    rows = []
+    for name in serving.list_services():
+        restarted = serving.reconcile(name)
+        status = serving.status(name)
+        if restarted:
+            context.log.warning(f"{name}: restarted {restarted}")
+        rows.append(f"| {name} | {status.ready} | {status.url} | {status.stable_version} | {', '.join(restarted) or '-'} |")
+    table = "| InferenceService | ready | URL | stable version | restarted |\n|---|---|---|---|---|\n" + "\n".join(rows)
+    return dg.MaterializeResult(
+        metadata={"implementation": type(serving).__name__, "inference_services": len(rows), "services": dg.MetadataValue.md(table)}
+    )
+
+
+defs = dg.Definitions(assets=[mlflow_backend_store, artifact_store, mlflow_server, prometheus, kserve])

@@ -1,0 +1,108 @@
+"""The platform pieces that run beside the models: the MLflow tracking server (its UI) and Prometheus.
+
+Locally they are detached processes on 127.0.0.1 with pid files under `MLOPS_HOME/platform`, started
+idempotently (an asset materialized twice does not start a second copy) and stopped by
+`mlops-assets stop`. On a cluster the same pieces come from the manifests in `k8s/`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from mlops_assets import processes
+
+PROMETHEUS_CONFIG = """\
+global:
+  scrape_interval: {interval}
+  evaluation_interval: {interval}
+scrape_configs:
+  - job_name: mlops-serving
+    file_sd_configs:
+      - files: ['{targets}']
+        refresh_interval: 5s
+"""
+
+
+def _pid_file(home: Path, name: str) -> Path:
+    return home / "platform" / f"{name}.pid"
+
+
+def running(home: Path, name: str) -> processes.ProcessRecord | None:
+    record = processes.read_record(_pid_file(home, name))
+    return record if record is not None and processes.is_alive(record) else None
+
+
+def start_mlflow_ui(home: Path, tracking_uri: str, artifact_root: Path, port: int) -> processes.ProcessRecord:
+    """The MLflow tracking server for its UI: loopback, one worker, no job execution."""
+    record = running(home, "mlflow-server")
+    if record is not None:
+        return record
+    processes.ensure_port_free(port)
+    artifact_root.mkdir(parents=True, exist_ok=True)
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    cmd = [
+        str(mlflow_bin) if mlflow_bin.exists() else "mlflow",
+        "server",
+        "--backend-store-uri", tracking_uri,
+        "--default-artifact-root", artifact_root.as_uri(),
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--workers", "1",
+    ]
+    record = processes.spawn(
+        cmd,
+        port=port,
+        pid_file=_pid_file(home, "mlflow-server"),
+        log_file=home / "logs" / "mlflow-server.log",
+        # The default server starts ~15 processes and 3 GB for job execution we do not use.
+        env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+    )
+    processes.wait_http(record, "/health", 90, "MLflow tracking server")
+    return record
+
+
+def prometheus_binary() -> str | None:
+    return shutil.which("prometheus")
+
+
+def start_prometheus(home: Path, port: int, interval: str = "2s", rules: list[Path] | None = None) -> processes.ProcessRecord:
+    """Prometheus scraping every local router and model server (file-based discovery)."""
+    record = running(home, "prometheus")
+    if record is not None:
+        return record
+    binary = prometheus_binary()
+    if binary is None:
+        raise FileNotFoundError("prometheus is not on PATH (Debian package `prometheus`)")
+    processes.ensure_port_free(port)
+    base = home / "prometheus"
+    targets = base / "targets" / "serving.json"
+    targets.parent.mkdir(parents=True, exist_ok=True)
+    if not targets.exists():
+        targets.write_text("[]")
+    config = base / "prometheus.yml"
+    text = PROMETHEUS_CONFIG.format(interval=interval, targets=targets)
+    if rules:
+        text += "rule_files:\n" + "".join(f"  - '{r}'\n" for r in rules)
+    config.write_text(text)
+    cmd = [
+        binary,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={base / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--web.enable-lifecycle",
+    ]
+    record = processes.spawn(cmd, port=port, pid_file=_pid_file(home, "prometheus"), log_file=home / "logs" / "prometheus.log")
+    processes.wait_http(record, "/-/ready", 60, "Prometheus")
+    return record
+
+
+def stop_all(home: Path) -> list[str]:
+    stopped = []
+    for name in ("mlflow-server", "prometheus"):
+        record = running(home, name)
+        if record is not None:
+            processes.stop(record)
+            stopped.append(name)
+    return stopped

@@ -1,0 +1,30 @@
+"""The one place that picks implementations for the environment (MLOPS_ENV)."""
+
+from __future__ import annotations
+
+from mlops_assets.models.registry import MlflowRegistry
+from mlops_assets.platform.resources import LocalPlatformServices
+from mlops_assets.serving.metrics import ScrapeMetrics
+from mlops_assets.serving.platform import LocalPlatform
+from mlops_assets.settings import KUBERNETES, Settings, SettingsError
+
+
+def build_resources(settings: Settings) -> dict:
+    registry = MlflowRegistry(
+        tracking_uri=settings.mlflow_tracking_uri,
+        artifact_root=str(settings.mlflow_artifact_root),
+        ui_url=settings.mlflow_ui_url,
+    )
+    if settings.env == KUBERNETES:
+        raise SettingsError("MLOPS_ENV=kubernetes: the Kubernetes platform is not part of this build yet")
+    return {
+        "mlflow": registry,
+        "serving": LocalPlatform(home=str(settings.home)),
+        "metrics": ScrapeMetrics(),
+        "platform_services": LocalPlatformServices(
+            home=str(settings.home),
+            tracking_uri=settings.mlflow_tracking_uri,
+            mlflow_ui_port=settings.mlflow_ui_port,
+            prometheus_port=settings.prometheus_port,
+        ),
+    }

@@ -1,0 +1,150 @@
+"""The InferenceService manifest: the one deployment contract, built and checked in plain Python.
+
+`build_inference_service` turns a registered model version into a `serving.kserve.io/v1beta1`
+InferenceService; both the local platform and the Kubernetes platform consume exactly that dict.
+Names are validated as DNS-1035 labels before anything reaches an API, and annotations carry the
+provenance a platform engineer needs to answer "what is this and who put it here".
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+
+API_VERSION = "serving.kserve.io/v1beta1"
+KIND = "InferenceService"
+ANNOTATION_PREFIX = "mlops-assets.dev"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "mlops-assets"}
+_DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$")
+# KServe derives longer names (`<name>-predictor-<ns>...`) from the InferenceService name.
+MAX_ISVC_NAME = 45
+
+
+class ManifestError(ValueError):
+    """A manifest or one of its inputs is malformed; the message names the field."""
+
+
+def validate_dns1035(value: str, what: str = "name", max_len: int = 63) -> str:
+    if not isinstance(value, str) or not value:
+        raise ManifestError(f"{what} must be a non-empty string, got {value!r}")
+    if len(value) > max_len:
+        raise ManifestError(f"{what} {value!r} is {len(value)} characters; the limit is {max_len}")
+    if not _DNS_1035.match(value):
+        raise ManifestError(
+            f"{what} {value!r} is not a DNS-1035 label: lower-case letters, digits and '-', "
+            "starting with a letter and ending with a letter or digit"
+        )
+    return value
+
+
+def isvc_name_for(model_name: str) -> str:
+    """The InferenceService name for a registered model (`fraud_detector` -> `fraud-detector`)."""
+    candidate = re.sub(r"[^a-z0-9-]+", "-", model_name.lower()).strip("-")
+    return validate_dns1035(candidate, f"InferenceService name derived from model {model_name!r}", MAX_ISVC_NAME)
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """Everything that decides one InferenceService's desired state."""
+
+    model_name: str
+    version: str
+    storage_uri: str
+    namespace: str = "mlops"
+    model_format: str = "mlflow"
+    protocol: str = "v2"
+    run_id: str = ""
+    rollout_id: str = ""
+    triggered_by: str = "manual"
+    canary_percent: int | None = None
+    min_replicas: int = 1
+    max_replicas: int = 3
+    scale_metric: str = "concurrency"
+    scale_target: int = 10
+    requests: dict[str, str] = field(default_factory=lambda: {"cpu": "500m", "memory": "1Gi"})
+    limits: dict[str, str] = field(default_factory=lambda: {"cpu": "1", "memory": "2Gi"})
+
+
+def build_inference_service(d: Deployment) -> dict:
+    """The `serving.kserve.io/v1beta1` InferenceService for `d` (pure; raises `ManifestError`)."""
+    name = isvc_name_for(d.model_name)
+    validate_dns1035(d.namespace, "namespace")
+    if not str(d.version).isdigit():
+        raise ManifestError(f"model version must be a positive integer, got {d.version!r}")
+    if not d.storage_uri or "://" not in d.storage_uri:
+        raise ManifestError(f"storage URI {d.storage_uri!r} must be a URI such as s3://bucket/path or file:///path")
+    if d.protocol not in ("v1", "v2"):
+        raise ManifestError(f"protocol must be 'v1' or 'v2', got {d.protocol!r}")
+    if d.canary_percent is not None and not (isinstance(d.canary_percent, int) and 0 <= d.canary_percent <= 100):
+        raise ManifestError(f"canary percent must be an integer 0-100, got {d.canary_percent!r}")
+    if not 0 <= d.min_replicas <= d.max_replicas or d.max_replicas < 1:
+        raise ManifestError(f"replicas must satisfy 0 <= min ({d.min_replicas}) <= max ({d.max_replicas}), max >= 1")
+    if d.scale_metric not in ("cpu", "memory", "concurrency", "rps"):
+        raise ManifestError(f"scale metric must be cpu, memory, concurrency or rps, got {d.scale_metric!r}")
+    for kind, values in (("requests", d.requests), ("limits", d.limits)):
+        for key, qty in values.items():
+            if not _QUANTITY.match(str(qty)):
+                raise ManifestError(f"resource {kind}.{key}={qty!r} is not a Kubernetes quantity")
+    predictor: dict = {
+        "minReplicas": d.min_replicas,
+        "maxReplicas": d.max_replicas,
+        "scaleMetric": d.scale_metric,
+        "scaleTarget": d.scale_target,
+        "model": {
+            "modelFormat": {"name": d.model_format},
+            "protocolVersion": d.protocol,
+            "storageUri": d.storage_uri,
+            "resources": {"requests": dict(d.requests), "limits": dict(d.limits)},
+        },
+    }
+    if d.canary_percent is not None:
+        predictor["canaryTrafficPercent"] = d.canary_percent
+    annotations = {
+        f"{ANNOTATION_PREFIX}/registered-model": d.model_name,
+        f"{ANNOTATION_PREFIX}/model-version": str(d.version),
+        f"{ANNOTATION_PREFIX}/mlflow-run-id": d.run_id,
+        f"{ANNOTATION_PREFIX}/model-uri": f"models:/{d.model_name}/{d.version}",
+        f"{ANNOTATION_PREFIX}/rollout-id": d.rollout_id,
+        f"{ANNOTATION_PREFIX}/triggered-by": d.triggered_by,
+    }
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {
+            "name": name,
+            "namespace": d.namespace,
+            "labels": {**MANAGED_BY, "mlops-assets.dev/model": name},
+            "annotations": annotations,
+        },
+        "spec": {"predictor": predictor},
+    }
+
+
+def check_inference_service(manifest: dict) -> dict:
+    """Structural checks a consumer relies on; returns a deep copy. Raises `ManifestError`."""
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"manifest must be a mapping, got {type(manifest).__name__}")
+    if manifest.get("apiVersion") != API_VERSION or manifest.get("kind") != KIND:
+        raise ManifestError(f"expected apiVersion {API_VERSION} kind {KIND}, got {manifest.get('apiVersion')} {manifest.get('kind')}")
+    meta = manifest.get("metadata") or {}
+    validate_dns1035(meta.get("name"), "metadata.name", MAX_ISVC_NAME)
+    validate_dns1035(meta.get("namespace", "default"), "metadata.namespace")
+    predictor = (manifest.get("spec") or {}).get("predictor")
+    model = (predictor or {}).get("model")
+    if not isinstance(model, dict) or not model.get("storageUri"):
+        raise ManifestError("spec.predictor.model.storageUri is required")
+    if not (model.get("modelFormat") or {}).get("name"):
+        raise ManifestError("spec.predictor.model.modelFormat.name is required")
+    pct = predictor.get("canaryTrafficPercent")
+    if pct is not None and not (isinstance(pct, int) and not isinstance(pct, bool) and 0 <= pct <= 100):
+        raise ManifestError(f"spec.predictor.canaryTrafficPercent must be an integer 0-100, got {pct!r}")
+    return copy.deepcopy(manifest)
+
+
+def predictor_identity(manifest: dict) -> dict:
+    """The part of the spec whose change makes a new revision (everything but the traffic split)."""
+    predictor = copy.deepcopy(manifest["spec"]["predictor"])
+    predictor.pop("canaryTrafficPercent", None)
+    return predictor

@@ -1,0 +1,481 @@
+"""`ServingPlatform`: one interface over KServe semantics, with the embedded `LocalPlatform`.
+
+KServe is the reference. With `canaryTrafficPercent` P the latest ready revision gets P% and the
+latest rolled-out revision the rest; removing the field promotes (the latest becomes the rolled-out
+revision and the old one becomes `previousRolledoutRevision`); P=0 rolls the canary back. Names
+never change, only traffic does. Every method takes or returns KServe-shaped data, so rollout code
+is the same against the local processes and against a cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import shutil
+import sys
+import time
+import urllib.error
+import urllib.request
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import dagster as dg
+
+from mlops_assets import processes
+from mlops_assets.serving.manifest import ANNOTATION_PREFIX, ManifestError, check_inference_service, predictor_identity, validate_dns1035
+
+
+class UnknownServiceError(LookupError):
+    """No InferenceService of that name exists on the platform."""
+
+
+class RolloutStateError(RuntimeError):
+    """The requested traffic change makes no sense in the service's current state."""
+
+
+@dataclass
+class ServiceStatus:
+    """An InferenceService's observed state, in KServe's vocabulary."""
+
+    name: str
+    namespace: str
+    url: str
+    ready: bool
+    traffic: list[dict]
+    latest_created: str | None
+    latest_ready: str | None
+    latest_rolledout: str | None
+    previous_rolledout: str | None
+    canary_percent: int | None
+    revisions: dict[str, dict] = field(default_factory=dict)
+    message: str = ""
+
+    def percent_of(self, revision: str | None) -> int:
+        return sum(t["percent"] for t in self.traffic if t["revisionName"] == revision)
+
+    def version_of(self, revision: str | None) -> str | None:
+        return (self.revisions.get(revision) or {}).get("model_version") if revision else None
+
+    @property
+    def stable_version(self) -> str | None:
+        return self.version_of(self.latest_rolledout)
+
+    def predict_url(self, protocol: str = "v1") -> str:
+        return f"{self.url}/v1/models/{self.name}:predict" if protocol == "v1" else f"{self.url}/v2/models/{self.name}/infer"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ServingPlatform(dg.ConfigurableResource, ABC):
+    """Where InferenceServices run: KServe semantics, local processes or a cluster."""
+
+    @abstractmethod
+    def apply(self, manifest: dict) -> ServiceStatus:
+        """Create or update an InferenceService from its manifest; wait until it is ready."""
+
+    @abstractmethod
+    def status(self, name: str) -> ServiceStatus:
+        """The observed state of an InferenceService; `UnknownServiceError` if absent."""
+
+    @abstractmethod
+    def manifest(self, name: str) -> dict:
+        """The last applied manifest of an InferenceService."""
+
+    @abstractmethod
+    def delete(self, name: str) -> None:
+        """Remove an InferenceService and everything serving it."""
+
+    @abstractmethod
+    def list_services(self) -> list[str]:
+        """Names of the InferenceServices on the platform."""
+
+    def set_canary_percent(self, name: str, percent: int) -> ServiceStatus:
+        """Send `percent`% of traffic to the latest ready revision, the rest to the rolled-out one."""
+        if isinstance(percent, bool) or not isinstance(percent, int) or not 0 <= percent <= 100:
+            raise ManifestError(f"canary percent must be an integer 0-100, got {percent!r}")
+        manifest = self.manifest(name)
+        manifest["spec"]["predictor"]["canaryTrafficPercent"] = percent
+        return self.apply(manifest)
+
+    def promote(self, name: str) -> ServiceStatus:
+        """Remove `canaryTrafficPercent`: the latest ready revision takes all traffic."""
+        manifest = self.manifest(name)
+        manifest["spec"]["predictor"].pop("canaryTrafficPercent", None)
+        return self.apply(manifest)
+
+    def reconcile(self, name: str) -> list[str]:
+        """Bring what runs in line with what is recorded; returns what was restarted."""
+        return []
+
+    @abstractmethod
+    def rollback(self, name: str) -> ServiceStatus:
+        """During a canary, send all traffic back to the rolled-out revision; after a promotion,
+        to the previous rolled-out revision."""
+
+
+def _identity_hash(manifest: dict) -> str:
+    return hashlib.sha256(json.dumps(predictor_identity(manifest), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class LocalPlatform(ServingPlatform):
+    """KServe semantics on this machine: model-server processes and a traffic router on 127.0.0.1."""
+
+    home: str
+    ready_timeout_s: float = 120.0
+
+    # ---- layout -------------------------------------------------------------------------------
+    @property
+    def _root(self) -> Path:
+        return Path(self.home) / "serving"
+
+    def _dir(self, name: str) -> Path:
+        return self._root / validate_dns1035(name, "InferenceService name")
+
+    @contextlib.contextmanager
+    def _locked(self, name: str):
+        directory = self._dir(name)
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(directory / ".lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield directory
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    @staticmethod
+    def _write_json(path: Path, data: dict) -> None:
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+        tmp.replace(path)
+
+    def _load_state(self, directory: Path) -> dict | None:
+        try:
+            return json.loads((directory / "state.json").read_text())
+        except FileNotFoundError:
+            return None
+
+    # ---- processes ----------------------------------------------------------------------------
+    def _start_revision(self, directory: Path, state: dict, revision: str) -> None:
+        rev = state["revisions"][revision]
+        port = processes.free_port()
+        config = {"model_name": state["name"], "storage_uri": rev["storage_uri"], "port": port}
+        config_file = directory / "revisions" / f"{revision}.json"
+        config_file.parent.mkdir(parents=True, exist_ok=True)
+        self._write_json(config_file, config)
+        record = processes.spawn(
+            [sys.executable, "-m", "mlops_assets.serving.model_server", str(config_file)],
+            port=port,
+            pid_file=directory / "revisions" / f"{revision}.pid",
+            log_file=Path(self.home) / "logs" / f"{revision}.log",
+        )
+        rev["port"] = port
+        processes.wait_http(record, f"/v1/models/{state['name']}", self.ready_timeout_s, f"model server for {revision}")
+
+    def _revision_record(self, directory: Path, revision: str) -> processes.ProcessRecord | None:
+        return processes.read_record(directory / "revisions" / f"{revision}.pid")
+
+    def _revision_alive(self, directory: Path, revision: str) -> bool:
+        record = self._revision_record(directory, revision)
+        return record is not None and processes.is_alive(record)
+
+    def _router_record(self, directory: Path) -> processes.ProcessRecord | None:
+        return processes.read_record(directory / "router.pid")
+
+    def _ensure_router(self, directory: Path, state: dict) -> None:
+        record = self._router_record(directory)
+        if record is not None and processes.is_alive(record):
+            return
+        port = state.get("router_port") or processes.free_port()
+        processes.ensure_port_free(port)
+        state["router_port"] = port
+        self._write_json(directory / "routes.json", self._routes(state))
+        config_file = directory / "router.json"
+        self._write_json(config_file, {"isvc": state["name"], "routes_file": str(directory / "routes.json"), "port": port})
+        record = processes.spawn(
+            [sys.executable, "-m", "mlops_assets.serving.router", str(config_file)],
+            port=port,
+            pid_file=directory / "router.pid",
+            log_file=Path(self.home) / "logs" / f"{state['name']}-router.log",
+        )
+        processes.wait_http(record, "/-/healthz", 30, f"traffic router for {state['name']}")
+
+    def _routes(self, state: dict) -> dict:
+        traffic = _traffic(state)
+        revisions = {
+            rev: f"http://127.0.0.1:{info['port']}"
+            for rev, info in state["revisions"].items()
+            if info["status"] == "ready" and info.get("port")
+        }
+        return {"revisions": revisions, "traffic": [{"revision": t["revisionName"], "percent": t["percent"]} for t in traffic], "tags": _tags(state)}
+
+    def _push_routes(self, directory: Path, state: dict) -> None:
+        routes = self._routes(state)
+        self._write_json(directory / "routes.json", routes)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{state['router_port']}/-/routes",
+            data=json.dumps(routes).encode(),
+            headers={"content-type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            resp.read()
+
+    def _retire(self, directory: Path, state: dict) -> None:
+        keep = {state.get("latest_ready"), state.get("latest_rolledout"), state.get("previous_rolledout")}
+        for revision, info in state["revisions"].items():
+            if revision not in keep and info["status"] == "ready":
+                record = self._revision_record(directory, revision)
+                if record is not None:
+                    processes.stop(record)
+                info["status"] = "retired"
+
+    def _write_scrape_targets(self) -> None:
+        """File-based service discovery for the embedded Prometheus: every router and server."""
+        targets = []
+        for directory in sorted(p for p in self._root.glob("*") if p.is_dir()):
+            state = self._load_state(directory)
+            if not state:
+                continue
+            if state.get("router_port"):
+                targets.append({"targets": [f"127.0.0.1:{state['router_port']}"], "labels": {"isvc": state["name"], "component": "router"}})
+            for rev, info in state["revisions"].items():
+                if info["status"] == "ready" and info.get("port"):
+                    targets.append(
+                        {"targets": [f"127.0.0.1:{info['port']}"], "labels": {"isvc": state["name"], "revision": rev, "component": "predictor"}}
+                    )
+        out = Path(self.home) / "prometheus" / "targets"
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / "serving.json.tmp"
+        tmp.write_text(json.dumps(targets))
+        tmp.replace(out / "serving.json")
+
+    def _reconcile_locked(self, directory: Path, state: dict) -> list[str]:
+        """Restart what the recorded state says should run; return what was restarted."""
+        restarted = []
+        for revision in {state.get("latest_ready"), state.get("latest_rolledout"), state.get("previous_rolledout")} - {None}:
+            info = state["revisions"][revision]
+            if info["status"] == "ready" and not self._revision_alive(directory, revision):
+                self._start_revision(directory, state, revision)
+                restarted.append(revision)
+        router = self._router_record(directory)
+        if router is None or not processes.is_alive(router):
+            self._ensure_router(directory, state)
+            restarted.append("router")
+        if restarted:
+            self._write_json(directory / "state.json", state)
+            self._push_routes(directory, state)
+            self._write_scrape_targets()
+        return restarted
+
+    # ---- the interface ------------------------------------------------------------------------
+    def apply(self, manifest: dict) -> ServiceStatus:
+        manifest = check_inference_service(manifest)
+        name = manifest["metadata"]["name"]
+        pct = manifest["spec"]["predictor"].get("canaryTrafficPercent")
+        with self._locked(name) as directory:
+            state = self._load_state(directory) or {
+                "name": name,
+                "namespace": manifest["metadata"].get("namespace", "default"),
+                "revisions": {},
+                "latest_created": None,
+                "latest_ready": None,
+                "latest_rolledout": None,
+                "previous_rolledout": None,
+                "canary_percent": None,
+                "router_port": None,
+            }
+            if state["latest_ready"]:
+                self._reconcile_locked(directory, state)
+            identity = _identity_hash(manifest)
+            latest = state["revisions"].get(state["latest_created"] or "")
+            if latest is None or latest["identity"] != identity:
+                revision = f"{name}-predictor-{len(state['revisions']) + 1:05d}"
+                annotations = manifest["metadata"].get("annotations") or {}
+                state["revisions"][revision] = {
+                    "identity": identity,
+                    "storage_uri": manifest["spec"]["predictor"]["model"]["storageUri"],
+                    "model_version": annotations.get(f"{ANNOTATION_PREFIX}/model-version"),
+                    "annotations": annotations,
+                    "created": time.time(),
+                    "status": "starting",
+                    "port": None,
+                }
+                state["latest_created"] = revision
+                self._write_json(directory / "state.json", state)
+                try:
+                    self._start_revision(directory, state, revision)
+                except processes.ProcessStartError:
+                    # As in KServe: a revision that never becomes ready gets no traffic.
+                    state["revisions"][revision]["status"] = "failed"
+                    self._write_json(directory / "state.json", state)
+                    raise
+                state["revisions"][revision]["status"] = "ready"
+                state["latest_ready"] = revision
+            ready = state["latest_ready"]
+            if state["latest_rolledout"] is None:
+                state["latest_rolledout"], state["canary_percent"] = ready, None
+            elif pct is None:
+                if ready != state["latest_rolledout"]:
+                    state["previous_rolledout"], state["latest_rolledout"] = state["latest_rolledout"], ready
+                state["canary_percent"] = None
+            else:
+                state["canary_percent"] = pct
+            self._ensure_router(directory, state)
+            self._retire(directory, state)
+            self._write_json(directory / "manifest.json", manifest)
+            self._write_json(directory / "state.json", state)
+            self._push_routes(directory, state)
+            self._write_scrape_targets()
+            return self._status(directory, state)
+
+    def rollback(self, name: str) -> ServiceStatus:
+        with self._locked(name) as directory:
+            state = self._require(directory, name)
+            if state["latest_ready"] != state["latest_rolledout"]:
+                state["canary_percent"] = 0
+            elif state.get("previous_rolledout"):
+                # After a promotion KServe users re-apply the old spec; locally the previous
+                # revision is still warm, so point the rolled-out revision back at it at once.
+                state["latest_rolledout"], state["previous_rolledout"] = state["previous_rolledout"], None
+                state["canary_percent"] = 0
+            else:
+                raise RolloutStateError(f"{name} has no canary and no previous rolled-out revision to roll back to")
+            self._reconcile_locked(directory, state)
+            manifest = json.loads((directory / "manifest.json").read_text())
+            manifest["spec"]["predictor"]["canaryTrafficPercent"] = 0
+            self._write_json(directory / "manifest.json", manifest)
+            self._write_json(directory / "state.json", state)
+            self._push_routes(directory, state)
+            self._write_scrape_targets()
+            return self._status(directory, state)
+
+    def reconcile(self, name: str) -> list[str]:
+        """Bring the running processes back in line with the recorded state (after a crash or a
+        `stop_all`); returns what had to be restarted."""
+        with self._locked(name) as directory:
+            return self._reconcile_locked(directory, self._require(directory, name))
+
+    def status(self, name: str) -> ServiceStatus:
+        directory = self._dir(name)
+        return self._status(directory, self._require(directory, name))
+
+    def manifest(self, name: str) -> dict:
+        directory = self._dir(name)
+        self._require(directory, name)
+        return json.loads((directory / "manifest.json").read_text())
+
+    def list_services(self) -> list[str]:
+        if not self._root.exists():
+            return []
+        return sorted(p.name for p in self._root.iterdir() if (p / "manifest.json").exists())
+
+    def delete(self, name: str) -> None:
+        with self._locked(name) as directory:
+            self._require(directory, name)
+            self._stop_processes(directory)
+        shutil.rmtree(directory, ignore_errors=True)
+        self._write_scrape_targets()
+
+    def stop_all(self) -> list[str]:
+        """Stop every local router and model server, keeping their state for `reconcile`."""
+        stopped = []
+        for name in self.list_services():
+            with self._locked(name) as directory:
+                stopped += self._stop_processes(directory)
+        return stopped
+
+    def _stop_processes(self, directory: Path) -> list[str]:
+        stopped = []
+        for pid_file in [directory / "router.pid", *sorted((directory / "revisions").glob("*.pid"))]:
+            record = processes.read_record(pid_file)
+            if record is not None and processes.is_alive(record):
+                processes.stop(record)
+                stopped.append(pid_file.stem)
+        return stopped
+
+    def _require(self, directory: Path, name: str) -> dict:
+        state = self._load_state(directory)
+        if state is None or not (directory / "manifest.json").exists():
+            raise UnknownServiceError(f"InferenceService {name!r} does not exist; known: {self.list_services()}")
+        return state
+
+    def _status(self, directory: Path, state: dict) -> ServiceStatus:
+        traffic = _traffic(state)
+        alive = {rev: self._revision_alive(directory, rev) for rev in state["revisions"] if state["revisions"][rev]["status"] == "ready"}
+        router = self._router_record(directory)
+        router_alive = router is not None and processes.is_alive(router)
+        serving = [t["revisionName"] for t in traffic if t["percent"] > 0]
+        down = [rev for rev in serving if not alive.get(rev)]
+        message = "" if router_alive and not down else f"router alive={router_alive}; revisions down: {down}"
+        revisions = {
+            rev: {
+                "model_version": info.get("model_version"),
+                "status": info["status"] if info["status"] != "ready" or alive.get(rev) else "down",
+                "storage_uri": info["storage_uri"],
+                "port": info.get("port"),
+                "run_id": (info.get("annotations") or {}).get(f"{ANNOTATION_PREFIX}/mlflow-run-id", ""),
+            }
+            for rev, info in state["revisions"].items()
+        }
+        return ServiceStatus(
+            name=state["name"],
+            namespace=state["namespace"],
+            url=f"http://127.0.0.1:{state['router_port']}" if state.get("router_port") else "",
+            ready=router_alive and not down and bool(serving),
+            traffic=traffic,
+            latest_created=state["latest_created"],
+            latest_ready=state["latest_ready"],
+            latest_rolledout=state["latest_rolledout"],
+            previous_rolledout=state.get("previous_rolledout"),
+            canary_percent=state.get("canary_percent"),
+            revisions=revisions,
+            message=message,
+        )
+
+
+def _traffic(state: dict) -> list[dict]:
+    """KServe's `status.components.predictor.traffic` for the recorded state."""
+    ready, stable, pct = state.get("latest_ready"), state.get("latest_rolledout"), state.get("canary_percent")
+    tags = {rev: tag for tag, rev in _tags(state).items()}
+    if stable is None:
+        return []
+    if pct is None or ready == stable or ready is None:
+        entries = [(stable, 100)]
+    else:
+        entries = [(ready, pct), (stable, 100 - pct)]
+    if ready and ready not in dict(entries):
+        entries.insert(0, (ready, 0))
+    return [
+        {"revisionName": rev, "percent": p, "latestRevision": rev == ready, **({"tag": tags[rev]} if rev in tags else {})}
+        for rev, p in entries
+    ]
+
+
+def _tags(state: dict) -> dict[str, str]:
+    ready, stable, previous = state.get("latest_ready"), state.get("latest_rolledout"), state.get("previous_rolledout")
+    tags = {}
+    if ready:
+        tags["latest"] = ready
+    prev = stable if stable and stable != ready else previous
+    if prev and state["revisions"].get(prev, {}).get("status") == "ready":
+        tags["prev"] = prev
+    return tags
+
+
+def http_json(url: str, payload: dict | None = None, timeout: float = 10.0) -> tuple[int, dict]:
+    """Tiny JSON-over-HTTP helper for smoke requests (stdlib only)."""
+    data = json.dumps(payload).encode() if payload is not None else None
+    request = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        body = exc.read()
+        try:
+            return exc.code, json.loads(body or b"{}")
+        except ValueError:
+            return exc.code, {"error": body.decode(errors="replace")}

@@ -1,0 +1,183 @@
+"""The local traffic router: one process per InferenceService, KServe's traffic semantics on 127.0.0.1.
+
+Run as `python -m mlops_assets.serving.router <router.json>`. It forwards each inference request to
+one revision's model server, chosen by the traffic split (weighted at random, or sticky by the
+`x-user-key` header so a user stays in one arm of an A/B test), and counts requests, errors and
+latency per revision on `/metrics`: KServe's model server has no count by status, so error rates
+come from here. Tag routes reach one revision whatever the split: a `Host` starting `latest-` or
+`prev-` (KServe's tag hostnames), the header `x-mlops-tag`, or a path prefix `/latest/`, `/prev/`.
+The platform pushes a new routing table with `POST /-/routes`; on restart the router reads the
+table from its file, so a routing change is never lost with a process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+from aiohttp import ClientError, ServerDisconnectedError, ClientSession, ClientTimeout, TCPConnector, web
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+TAGS = ("latest", "prev")
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_HOP_BY_HOP = {"host", "connection", "keep-alive", "transfer-encoding", "content-length", "upgrade", "te", "trailer"}
+
+
+class RoutingError(ValueError):
+    """A routing table is malformed: unknown revisions, percents not summing to 100, ..."""
+
+
+def validate_routes(routes: dict) -> dict:
+    """Check a routing table; return it. Raises `RoutingError` naming the problem."""
+    revisions = routes.get("revisions")
+    traffic = routes.get("traffic")
+    if not isinstance(revisions, dict) or not isinstance(traffic, list) or not traffic:
+        raise RoutingError("routes need a 'revisions' map and a non-empty 'traffic' list")
+    total = 0
+    for entry in traffic:
+        rev, pct = entry.get("revision"), entry.get("percent")
+        if rev not in revisions:
+            raise RoutingError(f"traffic names unknown revision {rev!r}")
+        if not isinstance(pct, int) or not 0 <= pct <= 100:
+            raise RoutingError(f"percent for {rev!r} must be an integer 0-100, got {pct!r}")
+        total += pct
+    if total != 100:
+        raise RoutingError(f"traffic percents sum to {total}, not 100")
+    for tag, rev in (routes.get("tags") or {}).items():
+        if tag not in TAGS or rev not in revisions:
+            raise RoutingError(f"tag {tag!r} -> {rev!r} is not a known tag and revision")
+    return routes
+
+
+class Router:
+    def __init__(self, isvc: str, routes_file: Path) -> None:
+        self.isvc = isvc
+        self.routes_file = routes_file
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "mlops_router_requests", "Inference requests by revision and HTTP status", ["isvc", "revision", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "mlops_router_request_duration_seconds", "Upstream latency by revision", ["isvc", "revision"],
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.session: ClientSession | None = None
+        self.set_routes(json.loads(routes_file.read_text()))
+
+    def set_routes(self, routes: dict) -> None:
+        routes = validate_routes(routes)
+        cumulative, acc = [], 0
+        for entry in routes["traffic"]:
+            if entry["percent"]:
+                acc += entry["percent"]
+                cumulative.append((acc, entry["revision"]))
+        self.routes = routes
+        self.cumulative = cumulative
+        self.upstreams = dict(routes["revisions"])
+        self.tags = dict(routes.get("tags") or {})
+
+    def pick(self, request: web.Request) -> tuple[str, str]:
+        """(revision, upstream path) for this request."""
+        path = request.path_qs
+        tag = request.headers.get("x-mlops-tag")
+        host = request.host or ""
+        for name in TAGS:
+            if path.startswith(f"/{name}/"):
+                tag, path = name, path[len(name) + 1 :]
+            elif host.startswith(f"{name}-"):
+                tag = name
+        if tag:
+            if tag not in self.tags:
+                raise web.HTTPNotFound(text=f"no revision carries tag {tag!r} on {self.isvc}")
+            return self.tags[tag], path
+        key = request.headers.get("x-user-key")
+        # Sticky: the same user key always lands at the same point of the split.
+        point = (
+            int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % 10_000 / 100.0
+            if key
+            else random.random() * 100.0
+        )
+        for bound, revision in self.cumulative:
+            if point < bound:
+                return revision, path
+        return self.cumulative[-1][1], path
+
+    async def proxy(self, request: web.Request) -> web.Response:
+        revision, path = self.pick(request)
+        body = await request.read()
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+        start = time.perf_counter()
+        url = self.upstreams[revision] + path
+        try:
+            try:
+                status, content_type, payload = await self._forward(request.method, url, body, headers)
+            except ServerDisconnectedError:
+                # A pooled keep-alive connection the server had already closed: nothing was
+                # processed, so one retry on a fresh connection is safe.
+                status, content_type, payload = await self._forward(request.method, url, body, headers)
+        except (ClientError, asyncio.TimeoutError, OSError) as exc:
+            status, content_type = 502, "application/json"
+            payload = json.dumps({"error": f"revision {revision} unreachable: {exc.__class__.__name__}"}).encode()
+        self.latency.labels(self.isvc, revision).observe(time.perf_counter() - start)
+        self.requests.labels(self.isvc, revision, str(status)).inc()
+        return web.Response(body=payload, status=status, headers={"content-type": content_type, "x-mlops-revision": revision})
+
+    async def _forward(self, method: str, url: str, body: bytes, headers: dict) -> tuple[int, str, bytes]:
+        async with self.session.request(method, url, data=body, headers=headers) as up:
+            return up.status, up.headers.get("content-type", "application/json"), await up.read()
+
+    async def update_routes(self, request: web.Request) -> web.Response:
+        try:
+            routes = await request.json()
+            self.set_routes(routes)
+        except (ValueError, RoutingError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        return web.json_response({"ok": True, "traffic": self.routes["traffic"]})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.registry), headers={"content-type": CONTENT_TYPE_LATEST})
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"isvc": self.isvc, "traffic": self.routes["traffic"], "tags": self.tags})
+
+    async def on_startup(self, app: web.Application) -> None:
+        self.session = ClientSession(
+            connector=TCPConnector(limit=512, keepalive_timeout=60), timeout=ClientTimeout(total=30), auto_decompress=False
+        )
+
+    async def on_cleanup(self, app: web.Application) -> None:
+        if self.session:
+            await self.session.close()
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_get("/-/healthz", self.health)
+        app.router.add_post("/-/routes", self.update_routes)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_route("*", "/{tail:.*}", self.proxy)
+        app.on_startup.append(self.on_startup)
+        app.on_cleanup.append(self.on_cleanup)
+        return app
+
+
+def main(argv: list[str]) -> None:
+    config = json.loads(Path(argv[0]).read_text())
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    router = Router(config["isvc"], Path(config["routes_file"]))
+    web.run_app(router.app(), host="127.0.0.1", port=config["port"], access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,86 @@
+"""The one module that reads the environment.
+
+Everything else receives a `Settings` value (or a resource built from it), so tests can point the
+whole project at a temporary `MLOPS_HOME` without reloading modules, and importing the code
+location never touches the network, MLflow or the filesystem.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+LOCAL = "local"
+KUBERNETES = "kubernetes"
+ENVIRONMENTS = (LOCAL, KUBERNETES)
+
+#: Every variable the project reads, with its default (the README's configuration table).
+VARIABLES: dict[str, str] = {
+    "MLOPS_ENV": LOCAL,
+    "MLOPS_HOME": ".mlops",
+    "MLOPS_MLFLOW_TRACKING_URI": "sqlite:///$MLOPS_HOME/mlflow/mlflow.db",
+    "MLOPS_MLFLOW_UI_PORT": "5055",
+    "MLOPS_PROMETHEUS_PORT": "9095",
+    "MLOPS_PROMETHEUS_URL": "(local: the embedded Prometheus, if installed)",
+    "MLOPS_NAMESPACE": "mlops",
+}
+
+
+class SettingsError(ValueError):
+    """A configuration value is invalid; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    env: str
+    home: Path
+    mlflow_tracking_uri: str
+    mlflow_ui_port: int
+    prometheus_port: int
+    prometheus_url: str | None
+    namespace: str
+
+    @property
+    def mlflow_artifact_root(self) -> Path:
+        return self.home / "mlflow" / "artifacts"
+
+    @property
+    def serving_dir(self) -> Path:
+        return self.home / "serving"
+
+    @property
+    def mlflow_ui_url(self) -> str:
+        return f"http://127.0.0.1:{self.mlflow_ui_port}"
+
+
+def _port(environ: Mapping[str, str], name: str) -> int:
+    raw = environ.get(name, VARIABLES[name])
+    try:
+        port = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise SettingsError(f"{name}={port} is outside 1-65535")
+    return port
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the environment once; raise `SettingsError` naming any bad variable."""
+    environ = os.environ if environ is None else environ
+    env = environ.get("MLOPS_ENV", LOCAL).strip().lower()
+    if env not in ENVIRONMENTS:
+        raise SettingsError(f"MLOPS_ENV={env!r}: expected one of {', '.join(ENVIRONMENTS)}")
+    home = Path(environ.get("MLOPS_HOME", VARIABLES["MLOPS_HOME"])).expanduser().resolve()
+    tracking = environ.get("MLOPS_MLFLOW_TRACKING_URI") or f"sqlite:///{home}/mlflow/mlflow.db"
+    prometheus_port = _port(environ, "MLOPS_PROMETHEUS_PORT")
+    return Settings(
+        env=env,
+        home=home,
+        mlflow_tracking_uri=tracking,
+        mlflow_ui_port=_port(environ, "MLOPS_MLFLOW_UI_PORT"),
+        prometheus_port=prometheus_port,
+        prometheus_url=environ.get("MLOPS_PROMETHEUS_URL") or None,
+        namespace=environ.get("MLOPS_NAMESPACE", VARIABLES["MLOPS_NAMESPACE"]),
+    )
