@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dagster as dg
 
-from mlops_assets.models.assets import defs as models_defs
-from mlops_assets.platform.assets import defs as platform_defs
+from mlops_assets.models import assets as models
+from mlops_assets.platform import assets as platform
 from mlops_assets.resources import build_resources
-from mlops_assets.serving.assets import defs as serving_defs
+from mlops_assets.serving import assets as serving
 from mlops_assets.settings import load_settings
 
 lifecycle_job = dg.define_asset_job(
@@ -24,9 +24,9 @@ observe_serving_job = dg.define_asset_job(
 
 def build_definitions() -> dg.Definitions:
     return dg.Definitions.merge(
-        platform_defs,
-        models_defs,
-        serving_defs,
+        platform.defs,
+        models.defs,
+        serving.defs,
         dg.Definitions(jobs=[lifecycle_job, observe_serving_job], resources=build_resources(load_settings())),
     )
 

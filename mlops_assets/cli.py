@@ -1,0 +1,276 @@
+"""`mlops-assets`: the main job (`demo`), and `stop` / `status` for the local platform.
+
+`demo` drives the whole lifecycle the way a platform engineer's deployment would: a real Dagster
+instance under DAGSTER_HOME, the Dagster daemon dequeuing runs submitted with `dagster job launch`,
+assets materialized by those runs, then real HTTP traffic through the router, then a summary read
+back from the instance's event log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from mlops_assets.settings import Settings, load_settings
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CODE_LOCATION = ["-m", "mlops_assets.definitions"]
+TERMINAL = {"SUCCESS", "FAILURE", "CANCELED"}
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def prepare_dagster_home(settings: Settings) -> Path:
+    """DAGSTER_HOME (default `$MLOPS_HOME/dagster`) holding the project's `dagster.yaml`."""
+    home = Path(os.environ.get("DAGSTER_HOME") or settings.home / "dagster").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    source = PROJECT_ROOT / "dagster.yaml"
+    if not source.exists():
+        raise SystemExit(f"dagster.yaml not found at {source}: install the project with `pip install -e .` from its checkout")
+    shutil.copyfile(source, home / "dagster.yaml")
+    os.environ["DAGSTER_HOME"] = str(home)
+    os.environ["MLOPS_HOME"] = str(settings.home)
+    return home
+
+
+def _bin(name: str) -> str:
+    local = Path(sys.executable).with_name(name)
+    return str(local) if local.exists() else name
+
+
+class Daemon:
+    """`dagster-daemon run` in its own process group, stopped (with its children) on exit."""
+
+    def __init__(self, log_file: Path) -> None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        self.log_file = log_file
+        with open(log_file, "ab") as log:
+            self.proc = subprocess.Popen(
+                [_bin("dagster-daemon"), "run", *CODE_LOCATION],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        # Whatever the daemon started (code server, run workers) shares its process group.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def launch_and_wait(instance, job_name: str, timeout_s: float = 600) -> str:
+    """Submit `job_name` with `dagster job launch`, let the daemon run it, stream its progress."""
+    from dagster import DagsterEventType, RunsFilter
+
+    before = {r.run_id for r in instance.get_runs(RunsFilter(job_name=job_name))}
+    out = subprocess.run(
+        [_bin("dagster"), "job", "launch", *CODE_LOCATION, "-j", job_name], capture_output=True, text=True, timeout=120
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"`dagster job launch -j {job_name}` failed:\n{out.stdout}\n{out.stderr}")
+    runs = [r for r in instance.get_runs(RunsFilter(job_name=job_name)) if r.run_id not in before]
+    if not runs:
+        raise SystemExit(f"`dagster job launch -j {job_name}` created no run:\n{out.stdout}\n{out.stderr}")
+    run_id = runs[0].run_id
+    _say(f"[dagster] launched {job_name} run {run_id[:8]} (queued for the daemon)")
+    shown = 0
+    interesting = {
+        DagsterEventType.RUN_START,
+        DagsterEventType.STEP_START,
+        DagsterEventType.STEP_SUCCESS,
+        DagsterEventType.STEP_FAILURE,
+        DagsterEventType.ASSET_MATERIALIZATION,
+        DagsterEventType.ASSET_CHECK_EVALUATION,
+        DagsterEventType.RUN_FAILURE,
+    }
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        records = instance.all_logs(run_id)
+        for record in records[shown:]:
+            event = record.dagster_event
+            if event is not None and event.event_type in interesting:
+                label = event.step_key or ""
+                if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
+                    label = event.asset_key.to_user_string()
+                elif event.event_type == DagsterEventType.ASSET_CHECK_EVALUATION:
+                    evaluation = event.event_specific_data
+                    label = f"{evaluation.asset_key.to_user_string()}:{evaluation.check_name} passed={evaluation.passed}"
+                _say(f"[dagster]   {event.event_type.value.lower():<24} {label}")
+            elif record.user_message and record.level >= 30:
+                _say(f"[dagster]   {record.user_message[:300]}")
+        shown = len(records)
+        run = instance.get_run_by_id(run_id)
+        if run.status.value in TERMINAL:
+            if run.status.value != "SUCCESS":
+                failures = [r.dagster_event.event_specific_data for r in records if r.dagster_event and r.dagster_event.is_failure]
+                detail = "\n".join(str(getattr(f, "error", f)) for f in failures)[-4000:]
+                raise SystemExit(f"run {run_id} of {job_name} ended {run.status.value}:\n{detail}")
+            return run_id
+        time.sleep(0.5)
+    raise SystemExit(f"run {run_id} of {job_name} did not finish within {timeout_s:.0f}s")
+
+
+def send_traffic(url_v1: str, url_v2: str, n: int, seed: int = 7) -> dict[str, int]:
+    """`n` requests: V1 and V2 with valid rows, and a few malformed ones (they must get 4xx)."""
+    from mlops_assets.models.data import FEATURES, generate_fraud_data
+    from mlops_assets.serving.payloads import v1_payload, v2_payload
+
+    frame = generate_fraud_data(max(n, 1), seed=seed)[FEATURES]
+    rng = random.Random(seed)
+
+    def one(i: int) -> str:
+        kind = rng.random()
+        if kind < 0.02:
+            url, body = url_v1, b'{"instances": [{"amount": "not a number"}]}'
+        elif kind < 0.3:
+            url, body = url_v2, json.dumps(v2_payload(frame.iloc[i : i + 1])).encode()
+        else:
+            url, body = url_v1, json.dumps(v1_payload(frame.iloc[i : i + 1])).encode()
+        request = urllib.request.Request(url, data=body, headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as resp:
+                return str(resp.status)
+        except urllib.error.HTTPError as exc:
+            return str(exc.code)
+        except OSError:
+            return "connection-error"
+
+    counts: dict[str, int] = {}
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for code in pool.map(one, range(n)):
+            counts[code] = counts.get(code, 0) + 1
+    return counts
+
+
+def _md_rows(md: str) -> list[str]:
+    return [line for line in md.splitlines() if line.startswith("|")]
+
+
+def summary(instance, settings: Settings, traffic: dict[str, int], elapsed: float, keep_running: bool) -> str:
+    from dagster import AssetKey
+
+    from mlops_assets.definitions import defs
+
+    lines = ["", "=" * 78, "mlops-assets: lifecycle complete", "=" * 78, "Assets (latest materialization):"]
+    keys = sorted(defs.resolve_asset_graph().get_all_asset_keys(), key=lambda k: k.to_user_string())
+    for key in keys:
+        event = instance.get_latest_materialization_event(key)
+        meta = event.asset_materialization.metadata if event else {}
+        pick = {k: getattr(v, "value", v) for k, v in meta.items() if k in ("version", "alias", "auc", "url", "stable_version", "ready", "installed")}
+        lines.append(f"  {key.to_user_string():<32} {'materialized' if event else 'MISSING':<13} {pick}")
+    serving = instance.get_latest_materialization_event(AssetKey(["serving", "fraud_detector"]))
+    if serving:
+        meta = serving.asset_materialization.metadata
+        lines += ["", "InferenceService fraud-detector:", f"  URL (router):   {meta['url'].value}", f"  predict (V1):   {meta['predict_url_v1'].value}"]
+        lines += ["  traffic:"] + [f"    {row}" for row in _md_rows(meta["traffic"].value)]
+        if "request_counts" in meta:
+            lines += ["  requests per revision (from the router's /metrics):"]
+            lines += [f"    {row}" for row in _md_rows(meta["request_counts"].value)]
+    lines += ["", f"Traffic sent by this demo: {dict(sorted(traffic.items()))} (4xx are the deliberately malformed requests)"]
+    lines += [
+        "",
+        "Where to look:",
+        f"  Dagster UI:  DAGSTER_HOME={os.environ['DAGSTER_HOME']} MLOPS_HOME={settings.home} dagster dev -w workspace.yaml",
+        "               then http://127.0.0.1:3000 -> Assets (platform, models, serving) and Runs",
+        f"  MLflow UI:   {settings.mlflow_ui_url}" + ("" if keep_running else " (stopped; run the demo with --keep-running)"),
+        f"  State+logs:  {settings.home}",
+        f"Finished in {elapsed:.0f}s." + ("" if keep_running else " All processes started by the demo were stopped."),
+    ]
+    return "\n".join(lines)
+
+
+def demo(args: argparse.Namespace) -> int:
+    from dagster import DagsterInstance
+
+    from mlops_assets.platform import services
+    from mlops_assets.serving.platform import LocalPlatform
+
+    started = time.monotonic()
+    settings = load_settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    dagster_home = prepare_dagster_home(settings)
+    _say(f"[demo] MLOPS_HOME={settings.home} DAGSTER_HOME={dagster_home}")
+    daemon = Daemon(settings.home / "logs" / "dagster-daemon.log")
+    _say(f"[demo] dagster-daemon started (pid {daemon.proc.pid}); log {daemon.log_file}")
+    try:
+        instance = DagsterInstance.get()
+        launch_and_wait(instance, "lifecycle_job")
+        from mlops_assets.serving.platform import LocalPlatform as _LP
+
+        status = _LP(home=str(settings.home)).status("fraud-detector")
+        _say(f"[demo] sending {args.requests} requests to {status.url}")
+        traffic = send_traffic(status.predict_url("v1"), status.predict_url("v2"), args.requests)
+        _say(f"[demo] responses: {traffic}")
+        launch_and_wait(instance, "observe_serving_job")
+        _say(summary(instance, settings, traffic, time.monotonic() - started, args.keep_running))
+        return 0
+    finally:
+        daemon.stop()
+        if not args.keep_running:
+            LocalPlatform(home=str(settings.home)).stop_all()
+            services.stop_all(settings.home)
+
+
+def stop(args: argparse.Namespace) -> int:
+    from mlops_assets.platform import services
+    from mlops_assets.serving.platform import LocalPlatform
+
+    settings = load_settings()
+    stopped = LocalPlatform(home=str(settings.home)).stop_all() + services.stop_all(settings.home)
+    _say(f"stopped: {stopped or 'nothing was running'}")
+    return 0
+
+
+def status(args: argparse.Namespace) -> int:
+    from mlops_assets.platform import services
+    from mlops_assets.serving.platform import LocalPlatform
+
+    settings = load_settings()
+    platform = LocalPlatform(home=str(settings.home))
+    for name in ("mlflow-server", "prometheus"):
+        record = services.running(settings.home, name)
+        _say(f"{name:<16} {'running at ' + record.url if record else 'stopped'}")
+    for name in platform.list_services():
+        st = platform.status(name)
+        _say(f"{name:<16} ready={st.ready} url={st.url} stable=v{st.stable_version} traffic={st.traffic}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mlops-assets", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_demo = sub.add_parser("demo", help="run the end-to-end lifecycle through a real Dagster instance and daemon")
+    p_demo.add_argument("--requests", type=int, default=400, help="inference requests to send (default 400)")
+    p_demo.add_argument("--keep-running", action="store_true", help="leave the platform up for the UIs; stop with `mlops-assets stop`")
+    p_demo.set_defaults(func=demo)
+    sub.add_parser("stop", help="stop every local router, model server, MLflow UI and Prometheus").set_defaults(func=stop)
+    sub.add_parser("status", help="what runs locally").set_defaults(func=status)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
