@@ -100,7 +100,7 @@ def train_and_register(
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=scorer,
-            signature=infer_signature(example, scorer.predict(None, example)),
+            signature=infer_signature(example, FraudScorer(pipeline).predict(None, example)),
             input_example=example,
             pip_requirements=_pip_requirements(),
             registered_model_name=model_name,

@@ -1,0 +1,67 @@
+"""Shared fixtures: a real MLflow registry on SQLite and real local serving processes.
+
+Expensive things (training, model-server start-up) happen once per session. At the end of the
+session every process started under the test's MLOPS_HOME is stopped, and the suite fails if any
+is left running.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from mlops_assets.models.registry import MlflowRegistry
+from mlops_assets.models.training import Fault, train_and_register
+from mlops_assets.platform import services
+from mlops_assets.serving.platform import LocalPlatform
+
+MODEL = "fraud_detector"
+ISVC = "fraud-detector"
+SHARED_SCHEMA = Path(__file__).resolve().parents[2] / "shared" / "schemas" / "kserve" / "serving.kserve.io_inferenceservices.yaml"
+
+
+def processes_under(home: Path) -> list[str]:
+    """Command lines of live processes that mention `home` (our servers all do)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(home) in cmd and proc.name != str(os.getpid()):
+            found.append(f"{proc.name}: {cmd[:200]}")
+    return found
+
+
+@pytest.fixture(scope="session")
+def mlops_home(tmp_path_factory) -> Path:
+    home = tmp_path_factory.mktemp("mlops_home")
+    (home / "mlflow").mkdir()
+    yield home
+    LocalPlatform(home=str(home)).stop_all()
+    services.stop_all(home)
+    leftover = processes_under(home)
+    assert not leftover, f"processes left running after the tests: {leftover}"
+
+
+@pytest.fixture(scope="session")
+def registry(mlops_home) -> MlflowRegistry:
+    return MlflowRegistry(tracking_uri=f"sqlite:///{mlops_home}/mlflow/mlflow.db", artifact_root=str(mlops_home / "mlflow" / "artifacts"))
+
+
+@pytest.fixture(scope="session")
+def versions(registry):
+    """v1 and v2 are healthy (different data seeds); v3 fails every request (fault injection)."""
+    v1 = train_and_register(registry, MODEL, n_rows=3000, seed=1)
+    v2 = train_and_register(registry, MODEL, n_rows=3000, seed=2)
+    v3 = train_and_register(registry, MODEL, n_rows=3000, seed=3, fault=Fault(error_rate=1.0))
+    return {"1": v1, "2": v2, "3": v3}
+
+
+@pytest.fixture(scope="session")
+def platform(mlops_home) -> LocalPlatform:
+    return LocalPlatform(home=str(mlops_home), ready_timeout_s=90)

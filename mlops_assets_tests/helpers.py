@@ -1,0 +1,34 @@
+"""Small real-HTTP client helpers for the tests (aiohttp, keep-alive, bounded concurrency)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+
+from mlops_assets.models.data import FEATURES, generate_fraud_data
+from mlops_assets.serving.payloads import v1_payload
+
+
+def valid_body(rows: int = 1, seed: int = 5) -> bytes:
+    return json.dumps(v1_payload(generate_fraud_data(rows, seed=seed)[FEATURES])).encode()
+
+
+def fire(url: str, n: int, body: bytes | None = None, headers_for=None, concurrency: int = 16) -> list[tuple[str, int]]:
+    """Send `n` POSTs; return (revision that served, status) per request, in order."""
+    body = body if body is not None else valid_body()
+
+    async def run() -> list[tuple[str, int]]:
+        sem = asyncio.Semaphore(concurrency)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+
+            async def one(i: int) -> tuple[str, int]:
+                headers = {"content-type": "application/json", **(headers_for(i) if headers_for else {})}
+                async with sem, session.post(url, data=body, headers=headers) as resp:
+                    await resp.read()
+                    return resp.headers.get("x-mlops-revision", ""), resp.status
+
+            return await asyncio.gather(*(one(i) for i in range(n)))
+
+    return asyncio.run(run())
