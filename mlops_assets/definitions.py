@@ -10,6 +10,10 @@ from mlops_assets.resources import build_resources
 from mlops_assets.serving import assets as serving
 from mlops_assets.settings import load_settings
 
+#: Unbound definitions, for tests that supply their own resources.
+ALL_ASSETS = [*platform.defs.assets, *models.defs.assets, *serving.defs.assets]
+ALL_CHECKS = [*serving.defs.asset_checks]
+
 lifecycle_job = dg.define_asset_job(
     "lifecycle_job",
     selection=dg.AssetSelection.all(),

@@ -472,10 +472,10 @@ def http_json(url: str, payload: dict | None = None, timeout: float = 10.0) -> t
     request = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read() or b"{}")
+            code, body = resp.status, resp.read()
     except urllib.error.HTTPError as exc:
-        body = exc.read()
-        try:
-            return exc.code, json.loads(body or b"{}")
-        except ValueError:
-            return exc.code, {"error": body.decode(errors="replace")}
+        code, body = exc.code, exc.read()
+    try:
+        return code, json.loads(body or b"{}")
+    except ValueError:
+        return code, {"text": body.decode(errors="replace")}

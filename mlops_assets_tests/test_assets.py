@@ -1,0 +1,99 @@
+"""The asset graph materialized on a real Dagster instance with the real local resources:
+MLflow on SQLite, the MLflow UI and Prometheus as processes, model servers and a router."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from mlops_assets.definitions import ALL_ASSETS, ALL_CHECKS
+from mlops_assets.platform import services
+from mlops_assets.processes import free_port
+from mlops_assets.resources import build_resources
+from mlops_assets.serving.platform import LocalPlatform, http_json
+from mlops_assets.settings import load_settings
+from mlops_assets_tests.conftest import processes_under
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("assets_home")
+    yield home
+    LocalPlatform(home=str(home)).stop_all()
+    services.stop_all(home)
+    assert not processes_under(home)
+
+
+@pytest.fixture(scope="module")
+def resources(home):
+    settings = load_settings({"MLOPS_HOME": str(home), "MLOPS_MLFLOW_UI_PORT": str(free_port()), "MLOPS_PROMETHEUS_PORT": str(free_port())})
+    return build_resources(settings)
+
+
+@pytest.fixture(scope="module")
+def instance():
+    with dg.instance_for_test() as instance:
+        yield instance
+
+
+def _asset(*path: str) -> dg.AssetsDefinition:
+    (found,) = [a for a in ALL_ASSETS if dg.AssetKey(list(path)) in a.keys]
+    return found
+
+
+def test_materializing_everything_brings_the_platform_up(resources, instance):
+    result = dg.materialize([*ALL_ASSETS, *ALL_CHECKS], resources=resources, instance=instance, run_config={"ops": {"models__fraud_detector": {"config": {"n_rows": 2000}}}})
+    assert result.success
+    meta = {e.asset_key.to_user_string(): e.materialization.metadata for e in result.get_asset_materialization_events()}
+    assert meta["models/fraud_detector"]["version"].value == "1"
+    assert meta["models/fraud_detector"]["alias"].value == "champion"
+    assert meta["serving/fraud_detector"]["stable_version"].value == "1"
+    assert meta["serving/fraud_detector"]["ready"].value is True
+    assert "| fraud-detector-predictor-00001 | 1 | 100 |" in meta["serving/fraud_detector"]["traffic"].value
+    mlflow_url = meta["platform/mlflow_server"]["url"].value
+    assert http_json(f"{mlflow_url}/health")[0] == 200
+    if services.prometheus_binary():
+        assert http_json(meta["platform/prometheus"]["url"].value + "/-/ready")[0] == 200
+    (check,) = result.get_asset_check_evaluations()
+    assert check.check_name == "predictor_answers" and check.passed
+
+
+def test_a_second_training_registers_a_challenger_and_serving_is_unchanged(resources, instance):
+    model, serving = _asset("models", "fraud_detector"), _asset("serving", "fraud_detector")
+    result = dg.materialize([model, serving], resources=resources, instance=instance, run_config={"ops": {"models__fraud_detector": {"config": {"n_rows": 2000, "seed": 4}}}})
+    assert result.success
+    meta = {e.asset_key.to_user_string(): e.materialization.metadata for e in result.get_asset_materialization_events()}
+    assert (meta["models/fraud_detector"]["version"].value, meta["models/fraud_detector"]["alias"].value) == ("2", "challenger")
+    # The champion is still version 1: re-materializing serving applies nothing new.
+    assert meta["serving/fraud_detector"]["stable_version"].value == "1"
+    assert meta["serving/fraud_detector"]["latest_ready_revision"].value == "fraud-detector-predictor-00001"
+
+
+def test_platform_pieces_are_idempotent(resources, instance):
+    pieces = [_asset("platform", n) for n in ("mlflow_server", "prometheus")]
+    home = Path(resources["platform_services"].home)
+    before = services.running(home, "mlflow-server")
+    assert dg.materialize(pieces, resources=resources, instance=instance).success
+    after = services.running(home, "mlflow-server")
+    assert before.pid == after.pid
+
+
+def test_serving_an_unknown_alias_fails_with_a_clear_message(resources, instance):
+    serving = _asset("serving", "fraud_detector")
+    result = dg.materialize(
+        [serving], resources=resources, instance=instance, raise_on_error=False,
+        run_config={"ops": {"serving__fraud_detector": {"config": {"alias": "no-such-alias"}}}},
+    )
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    assert "no alias 'no-such-alias'" in str(failure.step_failure_data.error)
+    # Nothing was lost: the service still serves version 1.
+    assert LocalPlatform(home=resources["platform_services"].home).status("fraud-detector").stable_version == "1"
+
+
+def test_bad_training_config_is_refused_before_running(resources, instance):
+    model = _asset("models", "fraud_detector")
+    with pytest.raises(dg.DagsterInvalidConfigError):
+        dg.materialize([model], resources=resources, instance=instance, run_config={"ops": {"models__fraud_detector": {"config": {"n_rows": "many"}}}})
