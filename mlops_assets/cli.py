@@ -125,7 +125,9 @@ def launch_and_wait(instance, job_name: str, timeout_s: float = 600) -> str:
         run = instance.get_run_by_id(run_id)
         if run.status.value in TERMINAL:
             if run.status.value != "SUCCESS":
-                failures = [r.dagster_event.event_specific_data for r in records if r.dagster_event and r.dagster_event.is_failure]
+                failures = [
+                    r.dagster_event.event_specific_data for r in records if r.dagster_event and r.dagster_event.is_failure
+                ]
                 detail = "\n".join(str(getattr(f, "error", f)) for f in failures)[-4000:]
                 raise SystemExit(f"run {run_id} of {job_name} ended {run.status.value}:\n{detail}")
             return run_id
@@ -179,12 +181,21 @@ def summary(instance, settings: Settings, traffic: dict[str, int], elapsed: floa
     for key in keys:
         event = instance.get_latest_materialization_event(key)
         meta = event.asset_materialization.metadata if event else {}
-        pick = {k: getattr(v, "value", v) for k, v in meta.items() if k in ("version", "alias", "auc", "url", "stable_version", "ready", "installed")}
+        pick = {
+            k: getattr(v, "value", v)
+            for k, v in meta.items()
+            if k in ("version", "alias", "auc", "url", "stable_version", "ready", "installed")
+        }
         lines.append(f"  {key.to_user_string():<32} {'materialized' if event else 'MISSING':<13} {pick}")
     serving = instance.get_latest_materialization_event(AssetKey(["serving", "fraud_detector"]))
     if serving:
         meta = serving.asset_materialization.metadata
-        lines += ["", "InferenceService fraud-detector:", f"  URL (router):   {meta['url'].value}", f"  predict (V1):   {meta['predict_url_v1'].value}"]
+        lines += [
+            "",
+            "InferenceService fraud-detector:",
+            f"  URL (router):   {meta['url'].value}",
+            f"  predict (V1):   {meta['predict_url_v1'].value}",
+        ]
         lines += ["  traffic:"] + [f"    {row}" for row in _md_rows(meta["traffic"].value)]
         if "request_counts" in meta:
             lines += ["  requests per revision (from the router's /metrics):"]
@@ -264,7 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_demo = sub.add_parser("demo", help="run the end-to-end lifecycle through a real Dagster instance and daemon")
     p_demo.add_argument("--requests", type=int, default=400, help="inference requests to send (default 400)")
-    p_demo.add_argument("--keep-running", action="store_true", help="leave the platform up for the UIs; stop with `mlops-assets stop`")
+    p_demo.add_argument(
+        "--keep-running", action="store_true", help="leave the platform up for the UIs; stop with `mlops-assets stop`"
+    )
     p_demo.set_defaults(func=demo)
     sub.add_parser("stop", help="stop every local router, model server, MLflow UI and Prometheus").set_defaults(func=stop)
     sub.add_parser("status", help="what runs locally").set_defaults(func=status)

@@ -57,9 +57,7 @@ def ensure_port_free(port: int) -> None:
         try:
             sock.bind((LOOPBACK, port))
         except OSError:
-            raise PortInUseError(
-                f"port {LOOPBACK}:{port} is already in use; stop what holds it or choose another port"
-            ) from None
+            raise PortInUseError(f"port {LOOPBACK}:{port} is already in use; stop what holds it or choose another port") from None
 
 
 def _cmdline(pid: int) -> list[str] | None:

@@ -50,7 +50,9 @@ def mlops_home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def registry(mlops_home) -> MlflowRegistry:
-    return MlflowRegistry(tracking_uri=f"sqlite:///{mlops_home}/mlflow/mlflow.db", artifact_root=str(mlops_home / "mlflow" / "artifacts"))
+    return MlflowRegistry(
+        tracking_uri=f"sqlite:///{mlops_home}/mlflow/mlflow.db", artifact_root=str(mlops_home / "mlflow" / "artifacts")
+    )
 
 
 @pytest.fixture(scope="session")

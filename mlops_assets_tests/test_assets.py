@@ -28,7 +28,9 @@ def home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def resources(home):
-    settings = load_settings({"MLOPS_HOME": str(home), "MLOPS_MLFLOW_UI_PORT": str(free_port()), "MLOPS_PROMETHEUS_PORT": str(free_port())})
+    settings = load_settings(
+        {"MLOPS_HOME": str(home), "MLOPS_MLFLOW_UI_PORT": str(free_port()), "MLOPS_PROMETHEUS_PORT": str(free_port())}
+    )
     return build_resources(settings)
 
 
@@ -44,7 +46,12 @@ def _asset(*path: str) -> dg.AssetsDefinition:
 
 
 def test_materializing_everything_brings_the_platform_up(resources, instance):
-    result = dg.materialize([*ALL_ASSETS, *ALL_CHECKS], resources=resources, instance=instance, run_config={"ops": {"models__fraud_detector": {"config": {"n_rows": 2000}}}})
+    result = dg.materialize(
+        [*ALL_ASSETS, *ALL_CHECKS],
+        resources=resources,
+        instance=instance,
+        run_config={"ops": {"models__fraud_detector": {"config": {"n_rows": 2000}}}},
+    )
     assert result.success
     meta = {e.asset_key.to_user_string(): e.materialization.metadata for e in result.get_asset_materialization_events()}
     assert meta["models/fraud_detector"]["version"].value == "1"
@@ -62,7 +69,12 @@ def test_materializing_everything_brings_the_platform_up(resources, instance):
 
 def test_a_second_training_registers_a_challenger_and_serving_is_unchanged(resources, instance):
     model, serving = _asset("models", "fraud_detector"), _asset("serving", "fraud_detector")
-    result = dg.materialize([model, serving], resources=resources, instance=instance, run_config={"ops": {"models__fraud_detector": {"config": {"n_rows": 2000, "seed": 4}}}})
+    result = dg.materialize(
+        [model, serving],
+        resources=resources,
+        instance=instance,
+        run_config={"ops": {"models__fraud_detector": {"config": {"n_rows": 2000, "seed": 4}}}},
+    )
     assert result.success
     meta = {e.asset_key.to_user_string(): e.materialization.metadata for e in result.get_asset_materialization_events()}
     assert (meta["models/fraud_detector"]["version"].value, meta["models/fraud_detector"]["alias"].value) == ("2", "challenger")
@@ -83,7 +95,10 @@ def test_platform_pieces_are_idempotent(resources, instance):
 def test_serving_an_unknown_alias_fails_with_a_clear_message(resources, instance):
     serving = _asset("serving", "fraud_detector")
     result = dg.materialize(
-        [serving], resources=resources, instance=instance, raise_on_error=False,
+        [serving],
+        resources=resources,
+        instance=instance,
+        raise_on_error=False,
         run_config={"ops": {"serving__fraud_detector": {"config": {"alias": "no-such-alias"}}}},
     )
     assert not result.success
@@ -96,4 +111,9 @@ def test_serving_an_unknown_alias_fails_with_a_clear_message(resources, instance
 def test_bad_training_config_is_refused_before_running(resources, instance):
     model = _asset("models", "fraud_detector")
     with pytest.raises(dg.DagsterInvalidConfigError):
-        dg.materialize([model], resources=resources, instance=instance, run_config={"ops": {"models__fraud_detector": {"config": {"n_rows": "many"}}}})
+        dg.materialize(
+            [model],
+            resources=resources,
+            instance=instance,
+            run_config={"ops": {"models__fraud_detector": {"config": {"n_rows": "many"}}}},
+        )

@@ -32,7 +32,11 @@ def test_dagster_cli_validates_the_workspace(tmp_path):
     env = {**os.environ, "MLOPS_HOME": str(tmp_path / "mlops"), "DAGSTER_HOME": str(tmp_path / "dagster")}
     out = subprocess.run(
         [str(Path(sys.executable).with_name("dagster")), "definitions", "validate", "-w", "workspace.yaml"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert not list((tmp_path / "mlops").iterdir()), "loading the definitions must not write into MLOPS_HOME"
@@ -42,14 +46,21 @@ def test_asset_graph_has_platform_model_serving_lineage():
     graph = _defs().resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert {
-        "platform/mlflow_backend_store", "platform/artifact_store", "platform/mlflow_server", "platform/prometheus",
-        "platform/kserve", "models/fraud_detector", "serving/fraud_detector",
+        "platform/mlflow_backend_store",
+        "platform/artifact_store",
+        "platform/mlflow_server",
+        "platform/prometheus",
+        "platform/kserve",
+        "models/fraud_detector",
+        "serving/fraud_detector",
     } <= keys
     model = graph.get(dg.AssetKey(["models", "fraud_detector"]))
     assert {k.to_user_string() for k in model.parent_keys} == {"platform/mlflow_backend_store", "platform/artifact_store"}
     serving = graph.get(dg.AssetKey(["serving", "fraud_detector"]))
     assert {k.to_user_string() for k in serving.parent_keys} == {"models/fraud_detector", "platform/kserve"}
-    checks = {c.name for c in _defs().resolve_all_asset_check_specs()} if hasattr(_defs(), "resolve_all_asset_check_specs") else None
+    checks = (
+        {c.name for c in _defs().resolve_all_asset_check_specs()} if hasattr(_defs(), "resolve_all_asset_check_specs") else None
+    )
     if checks is not None:
         assert "predictor_answers" in checks
 
@@ -65,6 +76,8 @@ def test_loading_imports_no_heavy_libraries(tmp_path):
         "import sys, json; import mlops_assets.definitions; "
         "print(json.dumps([m for m in ('mlflow', 'kserve', 'sklearn', 'pandas', 'kubernetes') if m in sys.modules]))"
     )
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MLOPS_HOME": str(tmp_path)}, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, "MLOPS_HOME": str(tmp_path)}, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []

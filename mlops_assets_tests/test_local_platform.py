@@ -41,7 +41,9 @@ def v1_status(platform, versions):
 
 def test_first_deploy_takes_all_traffic_even_with_a_canary_percent(platform, versions, v1_status):
     assert v1_status.ready, v1_status.message
-    assert v1_status.traffic == [{"revisionName": f"{ISVC}-predictor-00001", "percent": 100, "latestRevision": True, "tag": "latest"}]
+    assert v1_status.traffic == [
+        {"revisionName": f"{ISVC}-predictor-00001", "percent": 100, "latestRevision": True, "tag": "latest"}
+    ]
     assert v1_status.stable_version == "1"
     assert v1_status.url.startswith("http://127.0.0.1:")
     # Applying the same manifest again creates nothing new (idempotent).
@@ -51,7 +53,10 @@ def test_first_deploy_takes_all_traffic_even_with_a_canary_percent(platform, ver
 
 def test_servers_and_router_listen_on_loopback_only(platform, v1_status):
     directory = platform._dir(ISVC)
-    pids = [processes.read_record(directory / "router.pid").pid, processes.read_record(directory / "revisions" / f"{ISVC}-predictor-00001.pid").pid]
+    pids = [
+        processes.read_record(directory / "router.pid").pid,
+        processes.read_record(directory / "revisions" / f"{ISVC}-predictor-00001.pid").pid,
+    ]
     for pid in pids:
         proc = psutil.Process(pid)
         connections = getattr(proc, "net_connections", None) or proc.connections
@@ -95,8 +100,8 @@ def test_malformed_payloads_get_a_4xx_naming_the_problem(v1_status, body, status
     url = v1_status.predict_url("v2") if b'"inputs"' in body else v1_status.predict_url("v1")
     ((_, code),) = fire(url, 1, body=body)
     assert code == status
-    from urllib.request import Request, urlopen
     from urllib.error import HTTPError
+    from urllib.request import Request, urlopen
 
     with pytest.raises(HTTPError) as err:
         urlopen(Request(url, data=body, headers={"content-type": "application/json"}), timeout=10)
@@ -182,7 +187,9 @@ def test_a_failing_canary_is_seen_in_the_counts_and_never_touches_stable(platfor
     status = platform.apply(manifest_for(versions["3"], canary=50))
     canary, stable = status.latest_ready, status.latest_rolledout
     results = fire(status.predict_url(), 400)
-    window = {rev: counts.minus(before.get(rev, type(counts)())) for rev, counts in metrics.revision_counts(ISVC, status.url).items()}
+    window = {
+        rev: counts.minus(before.get(rev, type(counts)())) for rev, counts in metrics.revision_counts(ISVC, status.url).items()
+    }
     assert all(code == 500 for rev, code in results if rev == canary)
     assert all(code == 200 for rev, code in results if rev == stable)
     assert window[canary].errors == window[canary].requests == sum(rev == canary for rev, _ in results)
@@ -245,7 +252,9 @@ def test_platform_api_refuses_bad_input_by_name(platform):
 
 
 def test_rollback_with_nothing_to_return_to_is_refused_and_delete_cleans_up(platform, versions):
-    other = build_inference_service(Deployment(model_name="fraud_detector_b", version="1", storage_uri=versions["1"].download_uri))
+    other = build_inference_service(
+        Deployment(model_name="fraud_detector_b", version="1", storage_uri=versions["1"].download_uri)
+    )
     status = platform.apply(other)
     with pytest.raises(RolloutStateError, match="nothing|no canary"):
         platform.rollback(status.name)

@@ -15,7 +15,9 @@ from mlops_assets.serving.router import LATENCY_BUCKETS, RoutingError, validate_
 def _exposition(latencies: dict[str, np.ndarray], codes: dict[str, dict[str, int]]) -> str:
     registry = CollectorRegistry()
     requests = Counter("mlops_router_requests", "", ["isvc", "revision", "code"], registry=registry)
-    latency = Histogram("mlops_router_request_duration_seconds", "", ["isvc", "revision"], buckets=LATENCY_BUCKETS, registry=registry)
+    latency = Histogram(
+        "mlops_router_request_duration_seconds", "", ["isvc", "revision"], buckets=LATENCY_BUCKETS, registry=registry
+    )
     for rev, values in latencies.items():
         for v in values:
             latency.labels("m", rev).observe(float(v))

@@ -1,6 +1,5 @@
 """`models/<name>`: a registered model in MLflow, trained and registered by materializing it."""
 
-
 import dagster as dg
 from pydantic import Field
 
@@ -41,7 +40,12 @@ def build_model_asset(model_name: str) -> dg.AssetsDefinition:
 
         context.log.info(f"training {model_name}: {config.n_rows} rows, seed {config.seed}, shift {config.shift}")
         version = train_and_register(
-            mlflow, model_name, n_rows=config.n_rows, seed=config.seed, shift=config.shift, triggered_by=f"dagster run {context.run_id}"
+            mlflow,
+            model_name,
+            n_rows=config.n_rows,
+            seed=config.seed,
+            shift=config.shift,
+            triggered_by=f"dagster run {context.run_id}",
         )
         try:
             champion = mlflow.version_by_alias(model_name, CHAMPION).version
@@ -49,7 +53,9 @@ def build_model_asset(model_name: str) -> dg.AssetsDefinition:
             champion = None
         alias = CHAMPION if champion is None else CHALLENGER
         mlflow.set_alias(model_name, alias, version.version)
-        context.log.info(f"registered {model_name} version {version.version} as {alias} (auc {version.metrics.get('auc', 0):.3f})")
+        context.log.info(
+            f"registered {model_name} version {version.version} as {alias} (auc {version.metrics.get('auc', 0):.3f})"
+        )
         versions = mlflow.versions(model_name)
         metadata = {
             "version": version.version,

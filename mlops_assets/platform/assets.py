@@ -1,6 +1,5 @@
 """`platform/*`: the installed pieces, so the UI shows the platform itself beside the models."""
 
-
 import dagster as dg
 
 from mlops_assets.platform.resources import PlatformServices
@@ -74,7 +73,11 @@ def kserve(context: dg.AssetExecutionContext, serving: ServingPlatform) -> dg.Ma
         rows.append(f"| {name} | {status.ready} | {status.url} | {status.stable_version} | {', '.join(restarted) or '-'} |")
     table = "| InferenceService | ready | URL | stable version | restarted |\n|---|---|---|---|---|\n" + "\n".join(rows)
     return dg.MaterializeResult(
-        metadata={"implementation": type(serving).__name__, "inference_services": len(rows), "services": dg.MetadataValue.md(table)}
+        metadata={
+            "implementation": type(serving).__name__,
+            "inference_services": len(rows),
+            "services": dg.MetadataValue.md(table),
+        }
     )
 
 

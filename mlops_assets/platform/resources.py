@@ -49,13 +49,23 @@ class LocalPlatformServices(PlatformServices):
         path.parent.mkdir(parents=True, exist_ok=True)
         # Any query creates and migrates the schema on first use.
         experiments = MlflowClient(tracking_uri=self.tracking_uri).search_experiments()
-        return {"kind": "sqlite", "uri": self.tracking_uri, "bytes": path.stat().st_size if path.exists() else 0, "experiments": len(experiments)}
+        return {
+            "kind": "sqlite",
+            "uri": self.tracking_uri,
+            "bytes": path.stat().st_size if path.exists() else 0,
+            "experiments": len(experiments),
+        }
 
     def artifact_store(self) -> dict:
         root = self._home / "mlflow" / "artifacts"
         root.mkdir(parents=True, exist_ok=True)
         files = [p for p in root.rglob("*") if p.is_file()]
-        return {"kind": "local directory", "uri": root.as_uri(), "files": len(files), "bytes": sum(p.stat().st_size for p in files)}
+        return {
+            "kind": "local directory",
+            "uri": root.as_uri(),
+            "files": len(files),
+            "bytes": sum(p.stat().st_size for p in files),
+        }
 
     def tracking_server(self) -> dict:
         record = services.start_mlflow_ui(self._home, self.tracking_uri, self._home / "mlflow" / "artifacts", self.mlflow_ui_port)

@@ -45,11 +45,16 @@ def start_mlflow_ui(home: Path, tracking_uri: str, artifact_root: Path, port: in
     cmd = [
         str(mlflow_bin) if mlflow_bin.exists() else "mlflow",
         "server",
-        "--backend-store-uri", tracking_uri,
-        "--default-artifact-root", artifact_root.as_uri(),
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--workers", "1",
+        "--backend-store-uri",
+        tracking_uri,
+        "--default-artifact-root",
+        artifact_root.as_uri(),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
     ]
     record = processes.spawn(
         cmd,

@@ -6,7 +6,6 @@ Applying an unchanged manifest changes nothing, so re-materializing is safe and 
 current traffic and request counts.
 """
 
-
 import dagster as dg
 
 from mlops_assets.models.assets import MODEL_NAMES
@@ -28,9 +27,8 @@ def traffic_table(status: ServiceStatus) -> str:
     lines = ["| revision | model version | percent | tag | state |", "|---|---|---|---|---|"]
     for entry in status.traffic:
         rev = entry["revisionName"]
-        lines.append(
-            f"| {rev} | {status.version_of(rev)} | {entry['percent']} | {entry.get('tag', '-')} | {status.revisions[rev]['status']} |"
-        )
+        state = status.revisions[rev]["status"]
+        lines.append(f"| {rev} | {status.version_of(rev)} | {entry['percent']} | {entry.get('tag', '-')} | {state} |")
     return "\n".join(lines)
 
 

@@ -127,7 +127,9 @@ def check_inference_service(manifest: dict) -> dict:
     if not isinstance(manifest, dict):
         raise ManifestError(f"manifest must be a mapping, got {type(manifest).__name__}")
     if manifest.get("apiVersion") != API_VERSION or manifest.get("kind") != KIND:
-        raise ManifestError(f"expected apiVersion {API_VERSION} kind {KIND}, got {manifest.get('apiVersion')} {manifest.get('kind')}")
+        raise ManifestError(
+            f"expected apiVersion {API_VERSION} kind {KIND}, got {manifest.get('apiVersion')} {manifest.get('kind')}"
+        )
     meta = manifest.get("metadata") or {}
     validate_dns1035(meta.get("name"), "metadata.name", MAX_ISVC_NAME)
     validate_dns1035(meta.get("namespace", "default"), "metadata.namespace")

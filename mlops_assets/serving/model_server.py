@@ -12,13 +12,12 @@ import asyncio
 import json
 import logging
 import sys
-import warnings
 import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
 
 _NUMERIC_TYPES = {"double", "float", "long", "integer", "DataType.double", "DataType.float", "DataType.long", "DataType.integer"}
 

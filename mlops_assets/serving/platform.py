@@ -25,7 +25,13 @@ from pathlib import Path
 import dagster as dg
 
 from mlops_assets import processes
-from mlops_assets.serving.manifest import ANNOTATION_PREFIX, ManifestError, check_inference_service, predictor_identity, validate_dns1035
+from mlops_assets.serving.manifest import (
+    ANNOTATION_PREFIX,
+    ManifestError,
+    check_inference_service,
+    predictor_identity,
+    validate_dns1035,
+)
 
 
 class UnknownServiceError(LookupError):
@@ -210,7 +216,11 @@ class LocalPlatform(ServingPlatform):
             for rev, info in state["revisions"].items()
             if info["status"] == "ready" and info.get("port")
         }
-        return {"revisions": revisions, "traffic": [{"revision": t["revisionName"], "percent": t["percent"]} for t in traffic], "tags": _tags(state)}
+        return {
+            "revisions": revisions,
+            "traffic": [{"revision": t["revisionName"], "percent": t["percent"]} for t in traffic],
+            "tags": _tags(state),
+        }
 
     def _push_routes(self, directory: Path, state: dict) -> None:
         routes = self._routes(state)
@@ -241,11 +251,16 @@ class LocalPlatform(ServingPlatform):
             if not state:
                 continue
             if state.get("router_port"):
-                targets.append({"targets": [f"127.0.0.1:{state['router_port']}"], "labels": {"isvc": state["name"], "component": "router"}})
+                targets.append(
+                    {"targets": [f"127.0.0.1:{state['router_port']}"], "labels": {"isvc": state["name"], "component": "router"}}
+                )
             for rev, info in state["revisions"].items():
                 if info["status"] == "ready" and info.get("port"):
                     targets.append(
-                        {"targets": [f"127.0.0.1:{info['port']}"], "labels": {"isvc": state["name"], "revision": rev, "component": "predictor"}}
+                        {
+                            "targets": [f"127.0.0.1:{info['port']}"],
+                            "labels": {"isvc": state["name"], "revision": rev, "component": "predictor"},
+                        }
                     )
         out = Path(self.home) / "prometheus" / "targets"
         out.mkdir(parents=True, exist_ok=True)
@@ -405,7 +420,11 @@ class LocalPlatform(ServingPlatform):
 
     def _status(self, directory: Path, state: dict) -> ServiceStatus:
         traffic = _traffic(state)
-        alive = {rev: self._revision_alive(directory, rev) for rev in state["revisions"] if state["revisions"][rev]["status"] == "ready"}
+        alive = {
+            rev: self._revision_alive(directory, rev)
+            for rev in state["revisions"]
+            if state["revisions"][rev]["status"] == "ready"
+        }
         router = self._router_record(directory)
         router_alive = router is not None and processes.is_alive(router)
         serving = [t["revisionName"] for t in traffic if t["percent"] > 0]

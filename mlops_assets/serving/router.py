@@ -12,7 +12,6 @@ table from its file, so a routing change is never lost with a process.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import random
@@ -20,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from aiohttp import ClientError, ServerDisconnectedError, ClientSession, ClientTimeout, TCPConnector, web
+from aiohttp import ClientError, ClientSession, ClientTimeout, ServerDisconnectedError, TCPConnector, web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -61,12 +60,17 @@ class Router:
         self.routes_file = routes_file
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "mlops_router_requests", "Inference requests by revision and HTTP status", ["isvc", "revision", "code"],
+            "mlops_router_requests",
+            "Inference requests by revision and HTTP status",
+            ["isvc", "revision", "code"],
             registry=self.registry,
         )
         self.latency = Histogram(
-            "mlops_router_request_duration_seconds", "Upstream latency by revision", ["isvc", "revision"],
-            buckets=LATENCY_BUCKETS, registry=self.registry,
+            "mlops_router_request_duration_seconds",
+            "Upstream latency by revision",
+            ["isvc", "revision"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.session: ClientSession | None = None
         self.set_routes(json.loads(routes_file.read_text()))
@@ -122,7 +126,7 @@ class Router:
                 # A pooled keep-alive connection the server had already closed: nothing was
                 # processed, so one retry on a fresh connection is safe.
                 status, content_type, payload = await self._forward(request.method, url, body, headers)
-        except (ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, ClientError, OSError) as exc:
             status, content_type = 502, "application/json"
             payload = json.dumps({"error": f"revision {revision} unreachable: {exc.__class__.__name__}"}).encode()
         self.latency.labels(self.isvc, revision).observe(time.perf_counter() - start)
