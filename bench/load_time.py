@@ -42,7 +42,7 @@ t1 = time.perf_counter()
 import json; print(json.dumps({"import_s": t1 - t0}))
 """
 
-DEFINITIONS_CODE = """
+DEFINITIONS_CODE = f"""
 import time
 t0 = time.perf_counter()
 import mlops_assets.definitions as d
@@ -50,9 +50,9 @@ t1 = time.perf_counter()
 d.defs.get_repository_def()
 t2 = time.perf_counter()
 import json, sys
-heavy = %r
-print(json.dumps({"import_s": t1 - t0, "resolve_s": t2 - t1, "heavy": [m for m in heavy if m in sys.modules]}))
-""" % (HEAVY,)
+heavy = {HEAVY!r}
+print(json.dumps({{"import_s": t1 - t0, "resolve_s": t2 - t1, "heavy": [m for m in heavy if m in sys.modules]}}))
+"""
 
 
 def run(code: str, env: dict) -> dict:
@@ -81,13 +81,14 @@ def main() -> None:
             defs_s.append(m["import_s"])
             resolve_s.append(m["resolve_s"])
             heavy.update(m["heavy"])
-            print(f"round {i + 1}: import_dagster={d['import_s']:.3f}s definitions={m['import_s']:.3f}s "
-                  f"(then get_repository_def={m['resolve_s']:.3f}s)")
+            print(
+                f"round {i + 1}: import_dagster={d['import_s']:.3f}s definitions={m['import_s']:.3f}s "
+                f"(then get_repository_def={m['resolve_s']:.3f}s)"
+            )
 
     x, y = statistics.median(defs_s), statistics.median(dagster_s)
     print(f"import dagster: median {y:.3f}s min {min(dagster_s):.3f}s max {max(dagster_s):.3f}s")
-    print(f"definitions:    median {x:.3f}s min {min(defs_s):.3f}s max {max(defs_s):.3f}s "
-          f"(project's own share {x - y:+.3f}s)")
+    print(f"definitions:    median {x:.3f}s min {min(defs_s):.3f}s max {max(defs_s):.3f}s (project's own share {x - y:+.3f}s)")
     print(f"get_repository_def after import (info): median {statistics.median(resolve_s):.3f}s")
     print(f"heavy libraries imported by the code location: {sorted(heavy) or 'none'}")
     print(f"target ratio <= 2.5: {'met' if x / y <= 2.5 else 'NOT met'}")

@@ -81,9 +81,66 @@ class Daemon:
             pass
 
 
+def _interesting():
+    from dagster import DagsterEventType
+
+    return {
+        DagsterEventType.RUN_START,
+        DagsterEventType.STEP_START,
+        DagsterEventType.STEP_SUCCESS,
+        DagsterEventType.STEP_FAILURE,
+        DagsterEventType.ASSET_MATERIALIZATION,
+        DagsterEventType.ASSET_CHECK_EVALUATION,
+        DagsterEventType.RUN_FAILURE,
+    }
+
+
+def _describe(event) -> str:
+    from dagster import DagsterEventType
+
+    if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
+        mat = event.event_specific_data.materialization
+        meta = mat.metadata
+        label = event.asset_key.to_user_string()
+        if "rollout_event" in meta:
+            label += f"  [{meta['rollout_event'].value}] {mat.description or ''}"[:200]
+        return label
+    if event.event_type == DagsterEventType.ASSET_CHECK_EVALUATION:
+        evaluation = event.event_specific_data
+        return f"{evaluation.asset_key.to_user_string()}:{evaluation.check_name} passed={evaluation.passed}"
+    return event.step_key or ""
+
+
+def follow_run(instance, run_id: str, job_name: str, timeout_s: float = 900, allow_failure: bool = False) -> str:
+    """Stream a run's progress from the instance's event log until it ends; return its status."""
+    shown = 0
+    interesting = _interesting()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        records = instance.all_logs(run_id)
+        for record in records[shown:]:
+            event = record.dagster_event
+            if event is not None and event.event_type in interesting:
+                _say(f"[dagster]   {event.event_type.value.lower():<24} {_describe(event)}")
+            elif record.user_message and record.level >= 30:
+                _say(f"[dagster]   {record.user_message[:300]}")
+        shown = len(records)
+        run = instance.get_run_by_id(run_id)
+        if run.status.value in TERMINAL:
+            if run.status.value != "SUCCESS" and not allow_failure:
+                failures = [
+                    r.dagster_event.event_specific_data for r in records if r.dagster_event and r.dagster_event.is_failure
+                ]
+                detail = "\n".join(str(getattr(f, "error", f)) for f in failures)[-4000:]
+                raise SystemExit(f"run {run_id} of {job_name} ended {run.status.value}:\n{detail}")
+            return run.status.value
+        time.sleep(0.5)
+    raise SystemExit(f"run {run_id} of {job_name} did not finish within {timeout_s:.0f}s")
+
+
 def launch_and_wait(instance, job_name: str, timeout_s: float = 600) -> str:
     """Submit `job_name` with `dagster job launch`, let the daemon run it, stream its progress."""
-    from dagster import DagsterEventType, RunsFilter
+    from dagster import RunsFilter
 
     before = {r.run_id for r in instance.get_runs(RunsFilter(job_name=job_name))}
     out = subprocess.run(
@@ -96,43 +153,102 @@ def launch_and_wait(instance, job_name: str, timeout_s: float = 600) -> str:
         raise SystemExit(f"`dagster job launch -j {job_name}` created no run:\n{out.stdout}\n{out.stderr}")
     run_id = runs[0].run_id
     _say(f"[dagster] launched {job_name} run {run_id[:8]} (queued for the daemon)")
-    shown = 0
-    interesting = {
-        DagsterEventType.RUN_START,
-        DagsterEventType.STEP_START,
-        DagsterEventType.STEP_SUCCESS,
-        DagsterEventType.STEP_FAILURE,
-        DagsterEventType.ASSET_MATERIALIZATION,
-        DagsterEventType.ASSET_CHECK_EVALUATION,
-        DagsterEventType.RUN_FAILURE,
-    }
+    follow_run(instance, run_id, job_name, timeout_s)
+    return run_id
+
+
+def wait_for_sensor_run(instance, version: str, timeout_s: float = 180):
+    """The run `mlflow_registry_sensor` launched for `version` (found by its tag)."""
+    from dagster import RunsFilter
+
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        records = instance.all_logs(run_id)
-        for record in records[shown:]:
-            event = record.dagster_event
-            if event is not None and event.event_type in interesting:
-                label = event.step_key or ""
-                if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
-                    label = event.asset_key.to_user_string()
-                elif event.event_type == DagsterEventType.ASSET_CHECK_EVALUATION:
-                    evaluation = event.event_specific_data
-                    label = f"{evaluation.asset_key.to_user_string()}:{evaluation.check_name} passed={evaluation.passed}"
-                _say(f"[dagster]   {event.event_type.value.lower():<24} {label}")
-            elif record.user_message and record.level >= 30:
-                _say(f"[dagster]   {record.user_message[:300]}")
-        shown = len(records)
-        run = instance.get_run_by_id(run_id)
-        if run.status.value in TERMINAL:
-            if run.status.value != "SUCCESS":
-                failures = [
-                    r.dagster_event.event_specific_data for r in records if r.dagster_event and r.dagster_event.is_failure
-                ]
-                detail = "\n".join(str(getattr(f, "error", f)) for f in failures)[-4000:]
-                raise SystemExit(f"run {run_id} of {job_name} ended {run.status.value}:\n{detail}")
-            return run_id
-        time.sleep(0.5)
-    raise SystemExit(f"run {run_id} of {job_name} did not finish within {timeout_s:.0f}s")
+        runs = instance.get_runs(RunsFilter(tags={"mlops-assets/model-version": version}))
+        if runs:
+            return runs[0]
+        time.sleep(1)
+    raise SystemExit(f"mlflow_registry_sensor launched no rollout for version {version} within {timeout_s:.0f}s")
+
+
+class TrafficGenerator:
+    """Background users: steady requests with sticky user keys and, for A/B tests, an outcome per
+    request reported to the router's feedback endpoint. Runs on its own thread and event loop."""
+
+    def __init__(self, platform, isvc: str, rate: float = 50.0, success: dict[str, float] | None = None, seed: int = 3):
+        import threading
+
+        self.platform, self.isvc, self.rate = platform, isvc, rate
+        self.success = success or {}
+        self.rng = random.Random(seed)
+        self.counts: dict[tuple[str, int], int] = {}
+        self.versions: dict[str, str] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="traffic", daemon=True)
+
+    def start(self) -> TrafficGenerator:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def by_version(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for (rev, code), n in self.counts.items():
+            row = out.setdefault(self.versions.get(rev, rev), {})
+            row[str(code)] = row.get(str(code), 0) + n
+        return out
+
+    def _run(self) -> None:
+        import asyncio
+
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        import asyncio
+
+        import aiohttp
+
+        from mlops_assets.models.data import FEATURES, generate_fraud_data
+        from mlops_assets.serving.payloads import v1_payload
+
+        frame = generate_fraud_data(500, seed=21)[FEATURES]
+        bodies = [json.dumps(v1_payload(frame.iloc[i : i + 1])).encode() for i in range(len(frame))]
+        last_refresh = 0.0
+        url = feedback = ""
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            pending: set = set()
+            while not self._stop.is_set():
+                if time.monotonic() - last_refresh > 2:
+                    status = self.platform.status(self.isvc)
+                    url, feedback = status.predict_url("v1"), f"{status.url}/-/feedback"
+                    self.versions = {rev: info["model_version"] for rev, info in status.revisions.items()}
+                    last_refresh = time.monotonic()
+                user = f"user-{self.rng.randrange(5000)}"
+                task = asyncio.create_task(self._one(session, url, feedback, bodies[self.rng.randrange(len(bodies))], user))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+                await asyncio.sleep(self.rng.expovariate(self.rate))
+            if pending:
+                await asyncio.wait(pending, timeout=10)
+
+    async def _one(self, session, url: str, feedback: str, body: bytes, user: str) -> None:
+        headers = {"content-type": "application/json", "x-user-key": user}
+        try:
+            async with session.post(url, data=body, headers=headers) as resp:
+                await resp.read()
+                rev, code = resp.headers.get("x-mlops-revision", "?"), resp.status
+        except Exception:  # noqa: BLE001 - a refused connection is a failed request to count, not a crash
+            rev, code = "?", 599
+        self.counts[(rev, code)] = self.counts.get((rev, code), 0) + 1
+        if code == 200 and self.success:
+            p = self.success.get(self.versions.get(rev, ""), self.success.get("*", 0.0))
+            try:
+                async with session.post(feedback, json={"user_key": user, "success": self.rng.random() < p}) as resp:
+                    await resp.read()
+            except Exception:  # noqa: BLE001
+                pass
 
 
 def send_traffic(url_v1: str, url_v2: str, n: int, seed: int = 7) -> dict[str, int]:
@@ -167,11 +283,77 @@ def send_traffic(url_v1: str, url_v2: str, n: int, seed: int = 7) -> dict[str, i
     return counts
 
 
+#: The rollout drills of the main job: (what, training seed, fault, strategy, expected outcome).
+DRILLS = [
+    ("good v2, canary", 2, None, "canary", "promoted"),
+    ("faulty v3 (fails 2% of requests), canary", 3, 0.02, "canary", "rolled_back"),
+    ("v4, blue-green", 4, None, "blue_green", "promoted"),
+    ("v5 (converts better), A/B test", 5, None, "ab_test", "promoted"),
+]
+#: Simulated conversion rates per model version for the A/B drill (v5 is the better model).
+AB_SUCCESS = {"5": 0.16, "*": 0.06}
+#: Rollout policy for the demo's modest traffic (~50 req/s); production defaults are stricter.
+DEMO_ROLLOUT_ENV = {
+    "MLOPS_ROLLOUT_STEPS": "10,50",
+    "MLOPS_ROLLOUT_MIN_REQUESTS": "50",
+    "MLOPS_ROLLOUT_MAX_ERROR_RATE": "0.05",
+    "MLOPS_ROLLOUT_POLL_S": "1",
+    "MLOPS_ROLLOUT_AB_BASE_RATE": "0.06",
+    "MLOPS_ROLLOUT_AB_MIN_LIFT": "0.5",
+}
+
+
+def run_drills(instance, settings: Settings, platform, isvc: str, model: str) -> list[dict]:
+    """Register each drill's version in MLflow, as a user would, and follow the rollout the
+    sensor launches for it."""
+    from mlops_assets.models.registry import MlflowRegistry
+    from mlops_assets.models.training import Fault, train_and_register
+
+    registry = MlflowRegistry(tracking_uri=settings.mlflow_tracking_uri, artifact_root=str(settings.mlflow_artifact_root))
+    results = []
+    for what, seed, error_rate, strategy, expected in DRILLS:
+        fault = Fault(error_rate=error_rate) if error_rate else None
+        version = train_and_register(
+            registry, model, n_rows=5000, seed=seed, fault=fault, strategy=strategy, triggered_by="mlops-assets demo"
+        )
+        _say(f"\n[demo] registered {model} v{version.version} in MLflow ({what}); waiting for mlflow_registry_sensor")
+        run = wait_for_sensor_run(instance, version.version)
+        _say(f"[dagster] sensor launched {run.job_name} run {run.run_id[:8]} for v{version.version}")
+        status = follow_run(instance, run.run_id, run.job_name, allow_failure=True)
+        meta = _rollout_metadata(instance, run.run_id, model)
+        results.append(
+            {"drill": what, "version": version.version, "job": run.job_name, "run_status": status, "expected": expected, **meta}
+        )
+        _say(
+            f"[demo] v{version.version}: {meta.get('rollout_outcome')} in {meta.get('time_to_decision_s')}s; "
+            f"failed requests on the candidate {meta.get('candidate_failed_requests')}, "
+            f"on the stable revision {meta.get('stable_failed_requests')}"
+        )
+    return results
+
+
+def _rollout_metadata(instance, run_id: str, model: str) -> dict:
+    from dagster import AssetKey, DagsterEventType, EventRecordsFilter
+
+    records = instance.get_event_records(
+        EventRecordsFilter(event_type=DagsterEventType.ASSET_MATERIALIZATION, asset_key=AssetKey(["serving", model])),
+        limit=50,
+    )
+    for record in records:
+        if record.run_id != run_id:
+            continue
+        meta = record.asset_materialization.metadata
+        if "rollout_outcome" in meta:
+            keys = ("rollout_outcome", "time_to_decision_s", "candidate_failed_requests", "stable_failed_requests", "reason")
+            return {k: meta[k].value for k in keys if k in meta}
+    return {"rollout_outcome": "unknown"}
+
+
 def _md_rows(md: str) -> list[str]:
     return [line for line in md.splitlines() if line.startswith("|")]
 
 
-def summary(instance, settings: Settings, traffic: dict[str, int], elapsed: float, keep_running: bool) -> str:
+def summary(instance, settings: Settings, traffic: dict[str, int], drills, generator, elapsed: float, keep_running: bool) -> str:
     from dagster import AssetKey
 
     from mlops_assets.definitions import defs
@@ -200,7 +382,20 @@ def summary(instance, settings: Settings, traffic: dict[str, int], elapsed: floa
         if "request_counts" in meta:
             lines += ["  requests per revision (from the router's /metrics):"]
             lines += [f"    {row}" for row in _md_rows(meta["request_counts"].value)]
-    lines += ["", f"Traffic sent by this demo: {dict(sorted(traffic.items()))} (4xx are the deliberately malformed requests)"]
+    lines += ["", f"First burst of traffic: {dict(sorted(traffic.items()))} (4xx are the deliberately malformed requests)"]
+    if drills:
+        lines += ["", "Rollouts (each registered in MLflow, launched by mlflow_registry_sensor, run by the daemon):"]
+        lines += [
+            "  | drill | version | job | outcome | expected | time to decision s | failed on candidate | failed on stable |"
+        ]
+        lines += ["  |---|---|---|---|---|---|---|---|"]
+        for d in drills:
+            lines.append(
+                f"  | {d['drill']} | v{d['version']} | {d['job']} | {d.get('rollout_outcome')} | {d['expected']} | "
+                f"{d.get('time_to_decision_s')} | {d.get('candidate_failed_requests')} | {d.get('stable_failed_requests')} |"
+            )
+    if generator is not None:
+        lines += ["", f"Background users' responses by model version and status: {generator.by_version()}"]
     lines += [
         "",
         "Where to look:",
@@ -220,28 +415,42 @@ def demo(args: argparse.Namespace) -> int:
     from mlops_assets.serving.platform import LocalPlatform
 
     started = time.monotonic()
+    for key, value in DEMO_ROLLOUT_ENV.items():
+        os.environ.setdefault(key, value)
     settings = load_settings()
     settings.home.mkdir(parents=True, exist_ok=True)
     dagster_home = prepare_dagster_home(settings)
     _say(f"[demo] MLOPS_HOME={settings.home} DAGSTER_HOME={dagster_home}")
     daemon = Daemon(settings.home / "logs" / "dagster-daemon.log")
     _say(f"[demo] dagster-daemon started (pid {daemon.proc.pid}); log {daemon.log_file}")
+    platform = LocalPlatform(home=str(settings.home))
+    traffic = None
     try:
         instance = DagsterInstance.get()
         launch_and_wait(instance, "lifecycle_job")
-        from mlops_assets.serving.platform import LocalPlatform as _LP
-
-        status = _LP(home=str(settings.home)).status("fraud-detector")
+        status = platform.status("fraud-detector")
         _say(f"[demo] sending {args.requests} requests to {status.url}")
-        traffic = send_traffic(status.predict_url("v1"), status.predict_url("v2"), args.requests)
-        _say(f"[demo] responses: {traffic}")
+        burst = send_traffic(status.predict_url("v1"), status.predict_url("v2"), args.requests)
+        _say(f"[demo] responses: {burst}")
+        drills = []
+        if not args.skip_rollouts:
+            traffic = TrafficGenerator(platform, "fraud-detector", rate=args.rate, success=AB_SUCCESS).start()
+            _say(f"[demo] background users: ~{args.rate:.0f} requests/s with sticky user keys and A/B feedback")
+            drills = run_drills(instance, settings, platform, "fraud-detector", "fraud_detector")
+            traffic.stop()
         launch_and_wait(instance, "observe_serving_job")
-        _say(summary(instance, settings, traffic, time.monotonic() - started, args.keep_running))
+        _say(summary(instance, settings, burst, drills, traffic, time.monotonic() - started, args.keep_running))
+        failed = [d for d in drills if d.get("rollout_outcome") != d["expected"]]
+        if failed:
+            _say(f"[demo] UNEXPECTED rollout outcomes: {failed}")
+            return 1
         return 0
     finally:
+        if traffic is not None:
+            traffic.stop()
         daemon.stop()
         if not args.keep_running:
-            LocalPlatform(home=str(settings.home)).stop_all()
+            platform.stop_all()
             services.stop_all(settings.home)
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from mlops_assets.models.registry import MlflowRegistry
 from mlops_assets.platform.resources import LocalPlatformServices
-from mlops_assets.serving.metrics import ScrapeMetrics
+from mlops_assets.rollout.resources import RolloutPolicy
+from mlops_assets.serving.metrics import PrometheusMetrics, ScrapeMetrics
 from mlops_assets.serving.platform import LocalPlatform
 from mlops_assets.settings import KUBERNETES, Settings, SettingsError
 
@@ -15,12 +16,17 @@ def build_resources(settings: Settings) -> dict:
         artifact_root=str(settings.mlflow_artifact_root),
         ui_url=settings.mlflow_ui_url,
     )
+    if settings.prometheus_url:
+        metrics = PrometheusMetrics(url=settings.prometheus_url)
+    else:
+        metrics = ScrapeMetrics()
     if settings.env == KUBERNETES:
         raise SettingsError("MLOPS_ENV=kubernetes: the Kubernetes platform is not part of this build yet")
     return {
         "mlflow": registry,
         "serving": LocalPlatform(home=str(settings.home)),
-        "metrics": ScrapeMetrics(),
+        "metrics": metrics,
+        "rollout_policy": RolloutPolicy(**(settings.rollout or {})),
         "platform_services": LocalPlatformServices(
             home=str(settings.home),
             tracking_uri=settings.mlflow_tracking_uri,

@@ -25,6 +25,13 @@ VARIABLES: dict[str, str] = {
     "MLOPS_PROMETHEUS_PORT": "9095",
     "MLOPS_PROMETHEUS_URL": "(local: the embedded Prometheus, if installed)",
     "MLOPS_NAMESPACE": "mlops",
+    "MLOPS_ROLLOUT_STEPS": "5,25,50",
+    "MLOPS_ROLLOUT_MIN_REQUESTS": "100",
+    "MLOPS_ROLLOUT_MAX_ERROR_RATE": "0.01",
+    "MLOPS_ROLLOUT_MAX_P95_S": "0.5",
+    "MLOPS_ROLLOUT_POLL_S": "2",
+    "MLOPS_ROLLOUT_AB_BASE_RATE": "0.05",
+    "MLOPS_ROLLOUT_AB_MIN_LIFT": "0.10",
 }
 
 
@@ -41,6 +48,7 @@ class Settings:
     prometheus_port: int
     prometheus_url: str | None
     namespace: str
+    rollout: dict = None  # RolloutPolicy overrides from MLOPS_ROLLOUT_*
 
     @property
     def mlflow_artifact_root(self) -> Path:
@@ -75,6 +83,22 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     home = Path(environ.get("MLOPS_HOME", VARIABLES["MLOPS_HOME"])).expanduser().resolve()
     tracking = environ.get("MLOPS_MLFLOW_TRACKING_URI") or f"sqlite:///{home}/mlflow/mlflow.db"
     prometheus_port = _port(environ, "MLOPS_PROMETHEUS_PORT")
+    rollout = {}
+    try:
+        if "MLOPS_ROLLOUT_STEPS" in environ:
+            rollout["steps"] = [int(x) for x in environ["MLOPS_ROLLOUT_STEPS"].split(",")]
+        for name, key, cast in (
+            ("MLOPS_ROLLOUT_MIN_REQUESTS", "min_requests_per_step", int),
+            ("MLOPS_ROLLOUT_MAX_ERROR_RATE", "max_error_rate", float),
+            ("MLOPS_ROLLOUT_MAX_P95_S", "max_p95_latency_s", float),
+            ("MLOPS_ROLLOUT_POLL_S", "poll_s", float),
+            ("MLOPS_ROLLOUT_AB_BASE_RATE", "ab_base_rate", float),
+            ("MLOPS_ROLLOUT_AB_MIN_LIFT", "ab_min_lift", float),
+        ):
+            if name in environ:
+                rollout[key] = cast(environ[name])
+    except ValueError as exc:
+        raise SettingsError(f"bad MLOPS_ROLLOUT_* value: {exc}") from None
     return Settings(
         env=env,
         home=home,
@@ -83,4 +107,5 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         prometheus_port=prometheus_port,
         prometheus_url=environ.get("MLOPS_PROMETHEUS_URL") or None,
         namespace=environ.get("MLOPS_NAMESPACE", VARIABLES["MLOPS_NAMESPACE"]),
+        rollout=rollout,
     )

@@ -61,8 +61,14 @@ class MlflowRegistry(dg.ConfigurableResource):
     ui_url: str = ""
 
     def client(self):
+        import os
+
         from mlflow.tracking import MlflowClient
 
+        if self.tracking_uri.startswith("http"):
+            # MLflow's default retries take minutes against a dead server; fail in seconds instead.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
 
     def _call(self, what: str, fn, *args, **kwargs):
@@ -127,6 +133,32 @@ class MlflowRegistry(dg.ConfigurableResource):
     def set_alias(self, name: str, alias: str, version: str | int) -> None:
         self.get_version(name, version)
         self._call(f"set alias {alias!r}", self.client().set_registered_model_alias, name, alias, str(version))
+
+    def new_versions(self, name: str, after: int) -> list[VersionInfo]:
+        """Versions numbered above `after`, oldest first. Cost grows with what is new, not with the
+        registry: one indexed probe per new version plus one that finds nothing."""
+        validate_model_name(name)
+        client = self.client()
+        found, number = [], after + 1
+        while True:
+            try:
+                mv = self._call(f"model {name!r} version {number}", client.get_model_version, name, str(number))
+            except UnknownModelError:
+                return found
+            found.append(self._info(client, mv, metrics=False))
+            number += 1
+
+    def alias_version(self, name: str, alias: str) -> str | None:
+        """The version an alias points to, or None; one indexed lookup (no registry scan)."""
+        try:
+            return str(self._call(f"alias {alias!r}", self.client().get_model_version_by_alias, name, alias).version)
+        except UnknownModelError:
+            return None
+
+    def model_tags(self, name: str) -> dict[str, str]:
+        """The registered model's tags. MLflow's store loads every version for this call, so the
+        sensor caches the answer."""
+        return dict(self._call(f"model {name!r}", self.client().get_registered_model, name).tags or {})
 
     def set_version_tag(self, name: str, version: str | int, key: str, value: str) -> None:
         self._call("set tag", self.client().set_model_version_tag, name, str(version), key, value)

@@ -43,6 +43,7 @@ def train_and_register(
     shift: float = 0.0,
     fault: Fault | None = None,
     triggered_by: str = "manual",
+    strategy: str | None = None,
 ) -> VersionInfo:
     """Fit the pipeline on generated data, log it to MLflow and register a new version."""
     import mlflow
@@ -88,6 +89,8 @@ def train_and_register(
     mlflow.set_registry_uri(registry.tracking_uri)
     experiment_id = registry.ensure_experiment(EXPERIMENT)
     tags = {"triggered_by": triggered_by, "data_seed": str(seed), "data_shift": str(shift)}
+    if strategy:
+        tags["rollout_strategy"] = strategy
     if fault is not None:
         tags["fault_injection"] = json.dumps({"latency_ms": fault.latency_ms, "error_rate": fault.error_rate})
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"train-{model_name}") as run:
@@ -103,15 +106,18 @@ def train_and_register(
             signature=infer_signature(example, FraudScorer(pipeline).predict(None, example)),
             input_example=example,
             pip_requirements=_pip_requirements(),
-            registered_model_name=model_name,
         )
         log.info("logged %s in run %s", info.model_uri, run.info.run_id)
+    # Register with the tags in one call, so a sensor never sees the version without them.
     client = registry.client()
-    version = str(info.registered_model_version)
-    for key, value in tags.items():
-        client.set_model_version_tag(model_name, version, key, value)
-    if fault is not None:
-        client.update_model_version(
-            model_name, version, description=f"FAULT INJECTION for rollout drills: {tags['fault_injection']}"
-        )
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(model_name)
+    except MlflowException as exc:
+        if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+            raise
+    description = f"FAULT INJECTION for rollout drills: {tags['fault_injection']}" if fault is not None else None
+    mv = client.create_model_version(model_name, info.model_uri, run_id=run.info.run_id, tags=tags, description=description)
+    version = str(mv.version)
     return registry.get_version(model_name, version)

@@ -1,26 +1,39 @@
-"""`serving/<name>`: the live InferenceService for a registered model.
+"""`serving/<name>`: the live InferenceService for a registered model, and its rollouts.
 
-Materializing builds the InferenceService manifest for the model's `champion` version and applies
-it to the serving platform (locally: model-server processes and a router; on a cluster: KServe).
-Applying an unchanged manifest changes nothing, so re-materializing is safe and records the
-current traffic and request counts.
+Without rollout config, materializing applies the manifest for the model's `champion` version
+(an unchanged manifest changes nothing). With `strategy` set (canary, blue_green, ab_test), it
+rolls `version` out with that strategy: every traffic change is recorded as a materialization of
+this asset carrying its evidence, so the asset's history is the audit trail of every rollout.
+The blocking checks `error_rate` and `p95_latency` then judge the result; only if they pass does
+`models/<name>_champion` move MLflow's `champion` alias.
 """
+
+import json
+import time
+import uuid
 
 import dagster as dg
 
 from mlops_assets.models.assets import MODEL_NAMES
-from mlops_assets.models.registry import CHAMPION, MlflowRegistry
+from mlops_assets.models.registry import CHALLENGER, CHAMPION, MlflowRegistry
+from mlops_assets.rollout.resources import STRATEGIES, RolloutPolicy
 from mlops_assets.serving.manifest import Deployment, build_inference_service, isvc_name_for
 from mlops_assets.serving.metrics import MetricsSource, MetricsUnavailableError
 from mlops_assets.serving.platform import ServiceStatus, ServingPlatform, http_json
 
 GROUP = "serving"
 CHECK_PREDICTOR_ANSWERS = "predictor_answers"
+CHECK_ERROR_RATE = "error_rate"
+CHECK_P95_LATENCY = "p95_latency"
+ISVC_TAG = "mlops-assets/isvc"
 
 
 class ServingConfig(dg.Config):
     alias: str = CHAMPION
     namespace: str = "mlops"
+    strategy: str = ""  # "" deploys the alias; canary | blue_green | ab_test rolls `version` out
+    version: str = ""  # the version to roll out (default: the `challenger` alias)
+    triggered_by: str = ""
 
 
 def traffic_table(status: ServiceStatus) -> str:
@@ -56,7 +69,21 @@ def counts_table(counts: dict) -> str:
     return "\n".join(lines)
 
 
-def build_serving_asset(model_name: str) -> tuple[dg.AssetsDefinition, dg.AssetChecksDefinition]:
+def _evidence_metadata(evidence: dict) -> dict:
+    flat = {}
+    for key, value in evidence.items():
+        if isinstance(value, bool | int | float | str) or value is None:
+            flat[f"evidence/{key}"] = "" if value is None else value
+    flat["evidence"] = dg.MetadataValue.json(json.loads(json.dumps(evidence, default=str)))
+    return flat
+
+
+def _run_is_active(instance: dg.DagsterInstance, run_id: str) -> bool:
+    run = instance.get_run_by_id(run_id)
+    return run is not None and not run.is_finished
+
+
+def build_serving_asset(model_name: str) -> tuple[dg.AssetsDefinition, list[dg.AssetChecksDefinition]]:
     isvc = isvc_name_for(model_name)
     key = dg.AssetKey(["serving", model_name])
 
@@ -72,9 +99,13 @@ def build_serving_asset(model_name: str) -> tuple[dg.AssetsDefinition, dg.AssetC
         mlflow: MlflowRegistry,
         serving: ServingPlatform,
         metrics: MetricsSource,
+        rollout_policy: RolloutPolicy,
     ) -> dg.MaterializeResult:
-        """The live InferenceService (serving.kserve.io/v1beta1) serving the model's `champion`
-        version: URL, revisions, traffic split and per-revision request counts."""
+        """The live InferenceService (serving.kserve.io/v1beta1) of the model: URL, revisions,
+        traffic split, per-revision request counts. Its materializations are the audit trail of
+        every rollout (canary steps, blue-green switches, A/B decisions) with their evidence."""
+        if config.strategy:
+            return _rollout(context, config, mlflow, serving, metrics, rollout_policy)
         version = mlflow.version_by_alias(model_name, config.alias)
         manifest = build_inference_service(
             Deployment(
@@ -83,11 +114,10 @@ def build_serving_asset(model_name: str) -> tuple[dg.AssetsDefinition, dg.AssetC
                 storage_uri=version.download_uri,
                 namespace=config.namespace,
                 run_id=version.run_id,
-                triggered_by=f"dagster run {context.run_id}",
+                triggered_by=config.triggered_by or f"dagster run {context.run_id}",
             )
         )
-        names = serving.list_services()
-        if isvc in names and serving.status(isvc).stable_version == version.version:
+        if isvc in serving.list_services() and serving.status(isvc).stable_version == version.version:
             context.log.info(f"{isvc} already serves version {version.version}; reconciling only")
             serving.reconcile(isvc)
             status = serving.status(isvc)
@@ -95,16 +125,126 @@ def build_serving_asset(model_name: str) -> tuple[dg.AssetsDefinition, dg.AssetC
             context.log.info(f"applying InferenceService {isvc} for {model_name} v{version.version} ({version.download_uri})")
             status = serving.apply(manifest)
         context.log.info(f"{isvc} ready={status.ready} at {status.url}; traffic {status.traffic}")
-        metadata = {"model_version": version.version, "model_uri": version.model_uri, **status_metadata(status)}
+        return dg.MaterializeResult(
+            metadata=_final_metadata(status, mlflow, serving, metrics, version.version, version.model_uri)
+        )
+
+    def _final_metadata(status, mlflow, serving, metrics, version, model_uri) -> dict:
+        metadata = {"model_version": version, "model_uri": model_uri, **status_metadata(status)}
         try:
             counts = metrics.revision_counts(isvc, status.url)
             metadata["requests_total"] = sum(c.requests for c in counts.values())
             metadata["request_counts"] = dg.MetadataValue.md(counts_table(counts))
         except MetricsUnavailableError as exc:
-            context.log.warning(str(exc))
+            metadata["metrics_error"] = str(exc)
         metadata["manifest"] = dg.MetadataValue.json(serving.manifest(isvc))
         if mlflow.ui_url:
-            metadata["mlflow_ui"] = dg.MetadataValue.url(mlflow.model_ui_url(model_name, version.version))
+            metadata["mlflow_ui"] = dg.MetadataValue.url(mlflow.model_ui_url(model_name, version))
+        return metadata
+
+    def _rollout(context, config, mlflow, serving, metrics, policy) -> dg.MaterializeResult:
+        from mlops_assets.rollout.lock import LockInfo, RolloutLock
+        from mlops_assets.rollout.strategies import RolloutContext, run_ab_test, run_blue_green, run_canary
+
+        if config.strategy not in STRATEGIES:
+            raise dg.Failure(f"unknown rollout strategy {config.strategy!r}; expected one of {sorted(STRATEGIES)}")
+        version = (
+            mlflow.get_version(model_name, config.version) if config.version else mlflow.version_by_alias(model_name, CHALLENGER)
+        )
+        rollout_id = f"{config.strategy}-{model_name}-v{version.version}-{uuid.uuid4().hex[:6]}"
+        lock = RolloutLock(_state_root(serving), isvc)
+        info = LockInfo(isvc, rollout_id, context.run_id, config.strategy, version.version, time.time())
+        stale = lock.acquire(info, lambda run_id: _run_is_active(context.instance, run_id))
+        try:
+            if stale is not None:
+                status = serving.status(isvc)
+                if status.latest_ready != status.latest_rolledout and status.percent_of(status.latest_ready) > 0:
+                    status = serving.rollback(isvc)
+                    context.log.warning(f"rollout {stale.rollout_id} (run {stale.run_id}) died mid-rollout: rolled {isvc} back")
+                    context.log_event(
+                        dg.AssetMaterialization(
+                            asset_key=key,
+                            description=f"reconciled: rollout {stale.rollout_id} died; rolled back to the last good revision",
+                            metadata={
+                                "rollout_event": "reconcile_rollback",
+                                "stale_run_id": stale.run_id,
+                                **status_metadata(status),
+                            },
+                        )
+                    )
+            manifest = build_inference_service(
+                Deployment(
+                    model_name=model_name,
+                    version=version.version,
+                    storage_uri=version.download_uri,
+                    namespace=config.namespace,
+                    run_id=version.run_id,
+                    rollout_id=rollout_id,
+                    triggered_by=config.triggered_by or f"dagster run {context.run_id}",
+                )
+            )
+
+            def emit(event) -> None:
+                context.log_event(
+                    dg.AssetMaterialization(
+                        asset_key=key,
+                        description=f"{config.strategy} {event.kind}: {event.evidence.get('reason', '')}",
+                        metadata={
+                            "rollout_id": rollout_id,
+                            "rollout_event": event.kind,
+                            "strategy": config.strategy,
+                            "candidate_version": version.version,
+                            "elapsed_s": event.elapsed_s,
+                            **status_metadata(event.status),
+                            **_evidence_metadata(event.evidence),
+                        },
+                    )
+                )
+
+            ctx = RolloutContext(
+                platform=serving,
+                metrics=metrics,
+                isvc=isvc,
+                emit=emit,
+                log=context.log.info,
+                poll_s=policy.poll_s,
+                timeout_s=policy.timeout_s,
+            )
+            context.log.info(f"{rollout_id}: rolling out {model_name} v{version.version} with {config.strategy}")
+            if config.strategy == "canary":
+                result = run_canary(ctx, manifest, policy.thresholds())
+            elif config.strategy == "blue_green":
+                from mlops_assets.models.data import FEATURES, generate_fraud_data
+                from mlops_assets.serving.payloads import v1_payload
+
+                body = json.dumps(v1_payload(generate_fraud_data(1, seed=11)[FEATURES])).encode()
+                result = run_blue_green(ctx, manifest, policy.thresholds(), body, policy.validation_requests)
+            else:
+                from mlops_assets.rollout.ab import ABTest
+
+                result = run_ab_test(
+                    ctx, manifest, ABTest(alpha=policy.ab_alpha, base_rate=policy.ab_base_rate, lift=policy.ab_min_lift)
+                )
+        finally:
+            lock.release(info)
+        mlflow.set_version_tag(model_name, version.version, f"rollout.{config.strategy}", result.outcome)
+        status = serving.status(isvc)
+        context.log.info(f"{rollout_id}: {result.outcome} after {result.duration_s:.1f}s ({result.reason})")
+        metadata = _final_metadata(status, mlflow, serving, metrics, version.version, version.model_uri)
+        metadata.update(
+            {
+                "rollout_id": rollout_id,
+                "rollout_outcome": result.outcome,
+                "strategy": config.strategy,
+                "candidate_version": version.version,
+                "candidate_revision": result.candidate_revision or "",
+                "candidate_failed_requests": result.candidate_failed_requests,
+                "stable_failed_requests": result.stable_failed_requests,
+                "time_to_decision_s": result.duration_s,
+                "reason": result.reason,
+                **_evidence_metadata(result.evidence),
+            }
+        )
         return dg.MaterializeResult(metadata=metadata)
 
     @dg.asset_check(asset=key, name=CHECK_PREDICTOR_ANSWERS, blocking=True)
@@ -126,10 +266,91 @@ def build_serving_asset(model_name: str) -> tuple[dg.AssetsDefinition, dg.AssetC
             metadata={"v1_status": v1_code, "v2_status": v2_code, "v1_scores": n_v1, "v2_scores": n_v2, "url": status.url},
         )
 
-    return _serving, _answers
+    def _judged_revision(serving: ServingPlatform, metrics: MetricsSource):
+        """The newest ready revision (the candidate of the last rollout), with its counts."""
+        status = serving.status(isvc)
+        counts = metrics.revision_counts(isvc, status.url)
+        return status, status.latest_ready, counts.get(status.latest_ready)
+
+    @dg.asset_check(asset=key, name=CHECK_ERROR_RATE, blocking=True)
+    def _error_rate(serving: ServingPlatform, metrics: MetricsSource, rollout_policy: RolloutPolicy) -> dg.AssetCheckResult:
+        """The newest revision's share of 5xx responses is within the policy's max_error_rate."""
+        query = metrics.describe_query(isvc)
+        try:
+            status, revision, counts = _judged_revision(serving, metrics)
+        except MetricsUnavailableError as exc:
+            return dg.AssetCheckResult(
+                passed=False, severity=dg.AssetCheckSeverity.ERROR, metadata={"error": str(exc), "query": query}
+            )
+        meta = {"threshold": rollout_policy.max_error_rate, "query": query, "revision": revision or ""}
+        if counts is None or counts.requests == 0:
+            return dg.AssetCheckResult(
+                passed=False, severity=dg.AssetCheckSeverity.WARN, metadata={**meta, "note": "no requests yet"}
+            )
+        meta.update({"observed": counts.error_rate, "requests": counts.requests, "errors": counts.errors})
+        return dg.AssetCheckResult(
+            passed=counts.error_rate <= rollout_policy.max_error_rate, severity=dg.AssetCheckSeverity.ERROR, metadata=meta
+        )
+
+    @dg.asset_check(asset=key, name=CHECK_P95_LATENCY, blocking=True)
+    def _p95(serving: ServingPlatform, metrics: MetricsSource, rollout_policy: RolloutPolicy) -> dg.AssetCheckResult:
+        """The newest revision's p95 latency (through the router) is within max_p95_latency_s."""
+        query = metrics.describe_query(isvc)
+        try:
+            status, revision, counts = _judged_revision(serving, metrics)
+        except MetricsUnavailableError as exc:
+            return dg.AssetCheckResult(
+                passed=False, severity=dg.AssetCheckSeverity.ERROR, metadata={"error": str(exc), "query": query}
+            )
+        meta = {"threshold_s": rollout_policy.max_p95_latency_s, "query": query, "revision": revision or ""}
+        p95 = counts.latency_quantile(0.95) if counts is not None else None
+        if p95 is None:
+            return dg.AssetCheckResult(
+                passed=False, severity=dg.AssetCheckSeverity.WARN, metadata={**meta, "note": "no requests yet"}
+            )
+        meta.update({"observed_s": p95, "requests": counts.requests})
+        return dg.AssetCheckResult(
+            passed=p95 <= rollout_policy.max_p95_latency_s, severity=dg.AssetCheckSeverity.ERROR, metadata=meta
+        )
+
+    return _serving, [_answers, _error_rate, _p95]
+
+
+def _state_root(serving: ServingPlatform):
+    from pathlib import Path
+
+    return Path(getattr(serving, "home", ".")) / "serving"
+
+
+def build_champion_asset(model_name: str) -> dg.AssetsDefinition:
+    isvc = isvc_name_for(model_name)
+
+    @dg.asset(
+        key=["models", f"{model_name}_champion"], group_name=GROUP, deps=[dg.AssetKey(["serving", model_name])], kinds={"mlflow"}
+    )
+    def _champion(context: dg.AssetExecutionContext, mlflow: MlflowRegistry, serving: ServingPlatform) -> dg.MaterializeResult:
+        """MLflow's `champion` alias, moved to the version serving/<name> now serves as its stable
+        revision. Runs only after serving's blocking checks pass: the registry's promotion gate."""
+        stable = serving.status(isvc).stable_version
+        try:
+            before = mlflow.version_by_alias(model_name, CHAMPION).version
+        except LookupError:
+            before = None
+        if stable and stable != before:
+            mlflow.set_alias(model_name, CHAMPION, stable)
+            context.log.info(f"champion of {model_name}: v{before} -> v{stable}")
+        return dg.MaterializeResult(metadata={"champion_version": stable or "", "previous_champion": before or ""})
+
+    return _champion
 
 
 _built = [build_serving_asset(name) for name in MODEL_NAMES]
 serving_assets = [asset for asset, _ in _built]
-serving_checks = [check for _, check in _built]
-defs = dg.Definitions(assets=serving_assets, asset_checks=serving_checks)
+serving_checks = [check for _, checks in _built for check in checks]
+champion_assets = [build_champion_asset(name) for name in MODEL_NAMES]
+rollout_selection = dg.AssetSelection.assets(*serving_assets, *champion_assets)
+rollout_jobs = [
+    dg.define_asset_job(job, selection=rollout_selection, description=f"Roll a model version out with the {strategy} strategy.")
+    for strategy, job in STRATEGIES.items()
+]
+defs = dg.Definitions(assets=[*serving_assets, *champion_assets], asset_checks=serving_checks, jobs=rollout_jobs)

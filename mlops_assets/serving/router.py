@@ -72,6 +72,12 @@ class Router:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.feedback = Counter(
+            "mlops_router_feedback",
+            "Outcomes reported for users (A/B tests), by the revision the user is routed to",
+            ["isvc", "revision", "outcome"],
+            registry=self.registry,
+        )
         self.session: ClientSession | None = None
         self.set_routes(json.loads(routes_file.read_text()))
 
@@ -86,6 +92,14 @@ class Router:
         self.cumulative = cumulative
         self.upstreams = dict(routes["revisions"])
         self.tags = dict(routes.get("tags") or {})
+
+    def revision_for_key(self, key: str) -> str:
+        """The revision a user key is pinned to under the current split (sticky routing)."""
+        point = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % 10_000 / 100.0
+        for bound, revision in self.cumulative:
+            if point < bound:
+                return revision
+        return self.cumulative[-1][1]
 
     def pick(self, request: web.Request) -> tuple[str, str]:
         """(revision, upstream path) for this request."""
@@ -102,12 +116,10 @@ class Router:
                 raise web.HTTPNotFound(text=f"no revision carries tag {tag!r} on {self.isvc}")
             return self.tags[tag], path
         key = request.headers.get("x-user-key")
-        # Sticky: the same user key always lands at the same point of the split.
-        point = (
-            int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % 10_000 / 100.0
-            if key
-            else random.random() * 100.0
-        )
+        if key:
+            # Sticky: the same user key always lands at the same point of the split.
+            return self.revision_for_key(key), path
+        point = random.random() * 100.0
         for bound, revision in self.cumulative:
             if point < bound:
                 return revision, path
@@ -145,6 +157,24 @@ class Router:
             return web.json_response({"error": str(exc)}, status=400)
         return web.json_response({"ok": True, "traffic": self.routes["traffic"]})
 
+    async def record_feedback(self, request: web.Request) -> web.Response:
+        """`{"user_key": ..., "success": true|false}` (or a list of them): an outcome for an A/B
+        test, attributed to the revision that user is pinned to."""
+        try:
+            body = await request.json()
+            items = body if isinstance(body, list) else [body]
+            parsed = []
+            for item in items:
+                key, success = item.get("user_key"), item.get("success")
+                if not isinstance(key, str) or not key or not isinstance(success, bool):
+                    raise ValueError('each feedback needs a non-empty string "user_key" and a boolean "success"')
+                parsed.append((key, success))
+        except (ValueError, AttributeError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        for key, success in parsed:
+            self.feedback.labels(self.isvc, self.revision_for_key(key), "success" if success else "failure").inc()
+        return web.json_response({"recorded": len(parsed)})
+
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.registry), headers={"content-type": CONTENT_TYPE_LATEST})
 
@@ -164,6 +194,7 @@ class Router:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_get("/-/healthz", self.health)
         app.router.add_post("/-/routes", self.update_routes)
+        app.router.add_post("/-/feedback", self.record_feedback)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_route("*", "/{tail:.*}", self.proxy)
         app.on_startup.append(self.on_startup)

@@ -1,0 +1,527 @@
+"""Canary analysis with anytime-valid sequential tests: continue, promote, roll back or hold.
+
+Why this design
+---------------
+A canary analysis looks at the data again and again (every few seconds) and stops as soon as it
+knows. A fixed-horizon test (the z-test of the guide we replace) or a threshold per interval (Flagger)
+is not valid under that kind of peeking: the more often one looks, the more often noise alone crosses
+the line, so healthy canaries get rolled back and the only cure is to look rarely, which lets a broken
+canary fail many user requests first. We use *e-processes* instead: non-negative processes E_t with
+E_0 = 1 that are supermartingales (or bounded by one) under the null hypothesis. Ville's inequality gives
+P(exists t: E_t >= 1/alpha) <= alpha, so the analysis may look after every window, forever, and stop
+at any data-dependent time while the error probability stays below alpha. All inputs are *counts* per
+window (requests, errors, slow requests), so each test is an exact likelihood-ratio construction; no
+normal approximation and no warm-up period are needed, and a few errors are enough to decide.
+
+Rollback tests (H0: "the canary is as good as the baseline and within its SLOs")
+---------------------------------------------------------------------------------
+(a) Error rate relative to baseline, two-sample, conditional on events. In one window with n_c canary and
+    n_b baseline requests and K = k_c + k_b errors, if both revisions fail at the same per-request rate
+    then, given K, every error is a canary error with probability p0 = n_c / (n_c + n_b) (exactly so for
+    Poisson counts). If the canary's rate is theta times the baseline's, that probability is
+    q = p0 theta / (p0 theta + 1 - p0). The window's likelihood ratio is
+        LR_w(theta) = q^k_c (1-q)^k_b / (p0^k_c (1-p0)^k_b) = theta^k_c / (1 + p0 (theta - 1))^K,
+    which does not involve the unknown baseline rate: nothing about the baseline has to be known.
+    Validity: E[LR_w | past, n_c, n_b, K] = 1 under Binomial(K, p0); a canary that is *better* than the
+    baseline makes k_c stochastically smaller and theta^k_c increasing, so E <= 1 (composite H0:
+    canary rate <= baseline rate). With Bernoulli requests instead of Poisson counts, k_c given K is
+    hypergeometric, which is smaller than Binomial(K, p0) in the convex order (Hoeffding 1963) while
+    x -> theta^x is convex, so E <= 1 still. p0 may change from window to window (traffic steps,
+    jitter) because each factor is conditioned on its own window. The product over windows is therefore
+    a test supermartingale for every theta, and so is any fixed mixture of them:
+        E_t = sum_j w_j prod_w LR_w(theta_j),  theta_j geometric from min_rate_ratio to 100, w_j = 1/J.
+    The grid spacing is a factor of about 1.6: the growth rate of the best grid point is within a few
+    percent of the true theta's, and each point carries 1/J of the prior, which costs ln J nats of
+    evidence (about two canary errors' worth for J = 10) in exchange for not having to guess theta.
+(b) The same test on slow requests (latency above the p95 threshold): canary latency against baseline.
+(c) Absolute error SLO, one sample: H0: p <= max_error_rate. For an alternative p1 > p0 the
+    likelihood ratio (p1/p0)^k ((1-p1)/(1-p0))^(n-k) has expectation <= 1 for every p <= p0 (it is
+    linear in p, increasing, and equal to 1 at p0). Mixture over p1 on a geometric grid of odds ratios
+    from 1.5 to 1000 (p1 stays inside (p0, 1)), equal weights.
+(d) Absolute latency SLO, the same one-sample test on the slow share: "p95 <= max_p95_latency_s" is
+    "P(slow) <= 0.05". The caller derives "slow" from the latency histogram and max_p95_latency_s
+    (the threshold is recorded here in the evidence only).
+A ROLLBACK is issued as soon as any of the four e-processes reaches its Bonferroni threshold
+1/(share_i alpha), with shares summing to one (see ROLLBACK_ALPHA_SHARES), so the probability of ever
+rolling back a canary that is as good as the baseline and within its SLOs is at most alpha, however the
+windows are sized and however long the rollout runs. Each test on its own also controls its own null at
+share_i alpha (e.g. a canary as good as a baseline that itself breaks the SLO is rolled back by (a) with
+probability at most share_a alpha, and correctly by (c) otherwise). The rollback e-processes run over the
+whole rollout (not per step): restarting them per step would spend alpha once per step. The cost is
+that evidence for "healthy" gathered at early steps must be overcome by a failure that appears only at a
+later step; the mixture keeps this small because its low-theta components barely move under healthy
+data.
+
+Promotion tests (H0': "the canary violates an SLO")
+--------------------------------------------------
+A step passes when, on the requests served *at this step* (fresh e-processes at every step, so each
+traffic level has to show compliance on its own traffic), both
+    error_slo_met:   H0': p >= max_error_rate       (one-sample, alternatives p1 = p0 * r, r < 1)
+    latency_slo_met: H0': P(slow) >= 0.05
+are rejected at promote_alpha, the step has at least min_requests_per_step canary requests, and no
+rollback test fired. The alternatives are r in (0, 1/20, 1/10, 1/5, 2/5, 7/10), equal weights; r = 0
+is the "no failures at all" bet, which promotes a clean canary after about ln(6/promote_alpha)/p0
+requests and drops out at its first failure. A canary is promoted only if *both* nulls are rejected, so
+this is an intersection-union test (Berger 1982): a canary that violates either SLO is promoted with
+probability at most promote_alpha without splitting promote_alpha between the two tests, because the
+promotion event is contained in "the e-process of the violated SLO crossed 1/promote_alpha", whose
+probability Ville bounds by promote_alpha (for a step started at a stopping time, too).
+
+Missing data is never success: a window of None, or with zero canary requests, changes no evidence; the
+analysis HOLDs (traffic unchanged) while the last good window is at most no_data_deadline_s old and
+ROLLs BACK after that.
+
+Assumptions: within a window, requests of one revision fail independently with a common probability
+(the rate may drift between windows for the relative tests; drift of the canary's own rate between
+windows is covered by the one-sample tests as long as it stays on one side of the SLO). Windows must
+contain *new* counts (differences of cumulative counters), never overlapping ones.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+
+# p95 <= threshold  <=>  P(latency > threshold) <= 5%.
+P95_SLOW_SHARE = 0.05
+# Top of the rate-ratio grid: a canary 100x worse than baseline is already detected by the grid's top point
+# after a couple of errors; going higher would add grid points (and their ln J cost) for no gain.
+MAX_RATE_RATIO = 100.0
+RATE_RATIO_GRID_STEP = 1.6
+# Odds-ratio alternatives of the absolute (one-sample) rollback tests: from 1.5x the SLO's odds upwards.
+SLO_ODDS_RATIOS = (1.5, 2.5, 4.0, 6.5, 10.5, 17.0, 28.0, 45.0, 75.0, 1000.0)
+# Alternatives of the promotion tests, as fractions of the SLO rate.
+SLO_MET_FRACTIONS = (0.0, 0.05, 0.1, 0.2, 0.4, 0.7)
+# Bonferroni shares of alpha for the rollback tests. The relative error test gets the largest share because
+# it is the fastest detector of the common failure (a broken model throwing errors) and its speed is what the
+# number of failed user requests depends on; the shares sum to one.
+ROLLBACK_ALPHA_SHARES: Mapping[str, float] = {
+    "error_vs_baseline": 0.4,
+    "latency_vs_baseline": 0.2,
+    "error_slo": 0.2,
+    "latency_slo": 0.2,
+}
+
+
+class Decision(StrEnum):
+    """A str enum: `Decision.ROLLBACK == "rollback"`, and json.dumps writes the plain value."""
+
+    CONTINUE = "continue"
+    PROMOTE = "promote"
+    ROLLBACK = "rollback"
+    HOLD = "hold"
+
+
+def _is_rate(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and 0.0 < float(x) < 1.0
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """All configuration of a canary analysis; validated on construction (ValueError names the field)."""
+
+    max_error_rate: float = 0.01  # absolute SLO on the canary's error rate
+    max_p95_latency_s: float = 0.5  # absolute SLO on the canary's p95 latency
+    alpha: float = 0.01  # P(roll back a canary as good as baseline and within SLO) <= alpha
+    promote_alpha: float = 0.05  # P(promote a canary that violates an SLO) <= promote_alpha
+    min_rate_ratio: float = 1.5  # smallest canary/baseline rate ratio the relative tests aim at
+    steps: tuple[int, ...] = (5, 25, 50)  # canary traffic percents; passing the last one promotes
+    min_requests_per_step: int = 100  # canary requests needed at each step before it can pass
+    no_data_deadline_s: float = 120.0  # HOLD while data is missing, ROLLBACK once missing longer than this
+
+    def __post_init__(self) -> None:
+        if not _is_rate(self.max_error_rate):
+            raise ValueError(f"max_error_rate must be in (0, 1), got {self.max_error_rate!r}")
+        if not _is_positive_finite(self.max_p95_latency_s):
+            raise ValueError(f"max_p95_latency_s must be a positive finite number of seconds, got {self.max_p95_latency_s!r}")
+        for name in ("alpha", "promote_alpha"):
+            value = getattr(self, name)
+            if not (_is_rate(value) and value <= 0.5):
+                raise ValueError(f"{name} must be in (0, 0.5], got {value!r}")
+        r = self.min_rate_ratio
+        if not (_is_positive_finite(r) and 1.0 < r < MAX_RATE_RATIO):
+            raise ValueError(f"min_rate_ratio must be in (1, {MAX_RATE_RATIO:g}), got {r!r}")
+        steps = self.steps
+        if not isinstance(steps, tuple) or not steps:
+            raise ValueError(f"steps must be a non-empty tuple of percents, got {steps!r}")
+        for s in steps:
+            if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= 100:
+                raise ValueError(f"steps must contain integer percents in [1, 100], got {steps!r}")
+        if any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
+            raise ValueError(f"steps must be strictly increasing, got {steps!r}")
+        m = self.min_requests_per_step
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ValueError(f"min_requests_per_step must be an integer >= 1, got {m!r}")
+        if not _is_positive_finite(self.no_data_deadline_s):
+            raise ValueError(f"no_data_deadline_s must be a positive finite number of seconds, got {self.no_data_deadline_s!r}")
+
+
+def _is_positive_finite(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+@dataclass(frozen=True)
+class WindowCounts:
+    """Counts observed in ONE new window (differences of cumulative counters, not cumulative values)."""
+
+    canary_requests: int
+    canary_errors: int
+    canary_slow: int
+    baseline_requests: int
+    baseline_errors: int
+    baseline_slow: int
+
+    def __post_init__(self) -> None:
+        for name in ("canary_requests", "canary_errors", "canary_slow", "baseline_requests", "baseline_errors", "baseline_slow"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        for who in ("canary", "baseline"):
+            n = getattr(self, f"{who}_requests")
+            for what in ("errors", "slow"):
+                if getattr(self, f"{who}_{what}") > n:
+                    raise ValueError(f"{who}_{what} must not exceed {who}_requests ({n})")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    decision: Decision
+    reason: str  # one human sentence
+    percent: int  # canary percent to apply now: next step after a pass, 0 on ROLLBACK, 100 on PROMOTE
+    evidence: dict = field(default_factory=dict)  # JSON-serialisable
+
+
+# --------------------------------------------------------------------------------------------------------------
+# e-processes
+
+
+def _logsumexp(x: np.ndarray) -> float:
+    m = float(x.max())  # method calls: this runs several times per window, np.max's dispatch doubles its cost
+    if m == -math.inf:
+        return -math.inf
+    return m + math.log(float(np.exp(x - m).sum()))
+
+
+def rate_ratio_grid(min_ratio: float, max_ratio: float = MAX_RATE_RATIO, step: float = RATE_RATIO_GRID_STEP) -> np.ndarray:
+    """Geometric grid of rate ratios theta from min_ratio to max_ratio, spaced by about `step`."""
+    n = max(1, math.ceil(math.log(max_ratio / min_ratio) / math.log(step))) + 1
+    return np.geomspace(min_ratio, max_ratio, n)
+
+
+def conditional_window_log_lr(k_c: Any, k_b: Any, p0: Any, thetas: Any) -> np.ndarray:
+    """log LR of one window for each theta: k_c ln(theta) - (k_c + k_b) ln(1 + p0 (theta - 1)).
+
+    Equals ln[Binomial(k_c; K, q(theta)) / Binomial(k_c; K, p0)] with q = p0 theta / (p0 theta + 1 - p0).
+    Broadcasts, so simulations can evaluate many windows at once (e.g. shape (runs, 1) against (J,)).
+    """
+    k_c = np.asarray(k_c, dtype=float)
+    k_b = np.asarray(k_b, dtype=float)
+    p0 = np.asarray(p0, dtype=float)
+    thetas = np.asarray(thetas, dtype=float)
+    return k_c * np.log(thetas) - (k_c + k_b) * np.log1p(p0 * (thetas - 1.0))
+
+
+class RelativeRateTest:
+    """Mixture e-process for H0: canary per-request rate <= baseline rate (conditional two-sample test)."""
+
+    def __init__(self, min_ratio: float) -> None:
+        self.thetas = rate_ratio_grid(min_ratio)
+        self._log_theta = np.log(self.thetas)
+        self._theta_minus_1 = self.thetas - 1.0
+        self._log_weight = -math.log(len(self.thetas))
+        self.log_lr = np.zeros(len(self.thetas))  # cumulative log LR per grid point
+
+    def update(self, k_c: int, n_c: int, k_b: int, n_b: int) -> None:
+        total = k_c + k_b
+        # No event, or no baseline traffic (p0 = 1: every event is a canary event under H0 and H1 alike):
+        # the window's likelihood ratio is exactly 1, so skipping it is not an approximation.
+        if total == 0 or n_c == 0 or n_b == 0:
+            return
+        p0 = n_c / (n_c + n_b)
+        self.log_lr += k_c * self._log_theta - total * np.log1p(p0 * self._theta_minus_1)
+
+    @property
+    def log_e(self) -> float:
+        return self._log_weight + _logsumexp(self.log_lr)
+
+
+class BernoulliSLOTest:
+    """Mixture e-process for a one-sample rate against a fixed level p0.
+
+    direction "above": H0: p <= p0 (rejecting it says the rate is above the SLO: roll back).
+    direction "below": H0: p >= p0 (rejecting it says the rate is credibly below the SLO: may promote).
+    The product of per-request likelihood ratios only depends on the cumulative (k, n), so the state is two
+    integers; the log LR for alternative p1 is k ln(p1/p0) + (n-k) ln((1-p1)/(1-p0)).
+    """
+
+    def __init__(self, p0: float, direction: str, alternatives: np.ndarray | None = None) -> None:
+        if not 0.0 < p0 < 1.0:
+            raise ValueError(f"p0 must be in (0, 1), got {p0!r}")
+        if direction not in ("above", "below"):
+            raise ValueError(f"direction must be 'above' or 'below', got {direction!r}")
+        self.p0 = p0
+        self.direction = direction
+        if alternatives is None:
+            if direction == "above":
+                odds = p0 / (1.0 - p0) * np.asarray(SLO_ODDS_RATIOS)
+                alternatives = odds / (1.0 + odds)
+            else:
+                alternatives = p0 * np.asarray(SLO_MET_FRACTIONS)
+        p1 = np.asarray(alternatives, dtype=float)
+        if direction == "above" and not np.all((p1 > p0) & (p1 < 1.0)):
+            raise ValueError("alternatives of an 'above' test must lie in (p0, 1)")
+        if direction == "below" and not np.all((p1 >= 0.0) & (p1 < p0)):
+            raise ValueError("alternatives of a 'below' test must lie in [0, p0)")
+        self.alternatives = p1
+        self._zero_alt = p1 == 0.0
+        # ln(p1/p0) with the p1 = 0 entry set to 0 (it is handled apart: LR (1/(1-p0))^n while k = 0, then 0).
+        self._log_ratio_fail = np.log(np.where(self._zero_alt, p0, p1)) - math.log(p0)
+        self._log_ratio_ok = np.log1p(-p1) - math.log1p(-p0)
+        self._has_zero_alt = bool(self._zero_alt.any())
+        self._log_weight = -math.log(len(p1))
+        self.k = 0
+        self.n = 0
+
+    def update(self, k: int, n: int) -> None:
+        self.k += k
+        self.n += n
+
+    def log_lr(self) -> np.ndarray:
+        """Cumulative log likelihood ratio for each alternative."""
+        out = self.k * self._log_ratio_fail + (self.n - self.k) * self._log_ratio_ok
+        if self.k and self._has_zero_alt:
+            out[self._zero_alt] = -math.inf
+        return out
+
+    @property
+    def log_e(self) -> float:
+        return self._log_weight + _logsumexp(self.log_lr())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the analysis
+
+_ROLLBACK_DESCRIPTIONS = {
+    "error_vs_baseline": "canary error rate higher than baseline's",
+    "latency_vs_baseline": "canary slow-request share (latency above the p95 threshold) higher than baseline's",
+    "error_slo": "canary error rate above the error SLO",
+    "latency_slo": "canary p95 latency above the latency SLO",
+}
+
+
+def _finite(x: float) -> float:
+    """JSON-safe float: e-values can be astronomically large (or 0); clamp so json.dumps(allow_nan=False) works."""
+    if math.isnan(x):
+        return 0.0
+    return max(min(x, 1e300), -1e300)
+
+
+def _e_value(log_e: float) -> float:
+    return _finite(math.exp(min(log_e, 690.0)) if log_e > -745.0 else 0.0)
+
+
+def _rate(k: int, n: int) -> float | None:
+    return k / n if n else None
+
+
+class CanaryAnalysis:
+    """Sequential canary analysis: feed it one `WindowCounts` per window with `observe`, apply `Verdict.percent`."""
+
+    def __init__(self, thresholds: Thresholds, started_at: float) -> None:
+        self.thresholds = thresholds
+        self.started_at = float(started_at)
+        self._step = 0
+        self._last_data_at = float(started_at)
+        self._final: Verdict | None = None
+        self._windows = 0
+        self._missing_windows = 0
+        self._totals = dict.fromkeys(
+            ("canary_requests", "canary_errors", "canary_slow", "baseline_requests", "baseline_errors", "baseline_slow"), 0
+        )
+        t = thresholds
+        self._error_vs_baseline = RelativeRateTest(t.min_rate_ratio)
+        self._latency_vs_baseline = RelativeRateTest(t.min_rate_ratio)
+        self._error_slo = BernoulliSLOTest(t.max_error_rate, "above")
+        self._latency_slo = BernoulliSLOTest(P95_SLOW_SHARE, "above")
+        self._rollback_tests: dict[str, RelativeRateTest | BernoulliSLOTest] = {
+            "error_vs_baseline": self._error_vs_baseline,
+            "latency_vs_baseline": self._latency_vs_baseline,
+            "error_slo": self._error_slo,
+            "latency_slo": self._latency_slo,
+        }
+        self._log_rollback_bounds = {name: math.log(1.0 / (share * t.alpha)) for name, share in ROLLBACK_ALPHA_SHARES.items()}
+        self._log_promote_bound = math.log(1.0 / t.promote_alpha)
+        self._log_e: dict[str, float] = dict.fromkeys(self._rollback_tests, 0.0)
+        self._new_step_tests()
+        # Constant parts of the evidence, built once.
+        self._thresholds_dict = asdict(t)
+        self._bounds = {name: _finite(math.exp(b)) for name, b in self._log_rollback_bounds.items()}
+        self._bounds.update({name: _finite(math.exp(self._log_promote_bound)) for name in self._good_tests})
+
+    def _new_step_tests(self) -> None:
+        self._step_requests = 0
+        self._step_windows = 0
+        self._good_tests = {
+            "error_slo_met": BernoulliSLOTest(self.thresholds.max_error_rate, "below"),
+            "latency_slo_met": BernoulliSLOTest(P95_SLOW_SHARE, "below"),
+        }
+        self._log_e.update(dict.fromkeys(self._good_tests, 0.0))
+
+    @property
+    def percent(self) -> int:
+        """Canary traffic percent of the current step (0 after a rollback, 100 after promotion)."""
+        if self._final is not None:
+            return self._final.percent
+        return self.thresholds.steps[self._step]
+
+    @property
+    def finished(self) -> bool:
+        return self._final is not None
+
+    def observe(self, window: WindowCounts | None, now: float) -> Verdict:
+        """Take one new window of counts (None when metrics are unavailable) and decide."""
+        if self._final is not None:
+            # Terminal decisions stick: a re-run job that asks again gets the same answer.
+            return self._final
+        t = self.thresholds
+        if window is None or window.canary_requests == 0:
+            self._missing_windows += 1
+            silent_for = max(0.0, float(now) - self._last_data_at)
+            what = "metrics unavailable" if window is None else "no canary requests in the window"
+            if silent_for > t.no_data_deadline_s:
+                return self._finish(
+                    Decision.ROLLBACK,
+                    f"No usable canary data for {silent_for:.0f} s ({what}), past the {t.no_data_deadline_s:g} s deadline.",
+                    0,
+                    now,
+                    fired=["no_data_deadline"],
+                )
+            return Verdict(
+                Decision.HOLD,
+                f"Holding at {self.percent}%: {what} for {silent_for:.0f} s (deadline {t.no_data_deadline_s:g} s).",
+                self.percent,
+                self._evidence(now, fired=[], silent_for=silent_for),
+            )
+
+        self._last_data_at = max(self._last_data_at, float(now))
+        self._windows += 1
+        w = window
+        for name in self._totals:
+            self._totals[name] += int(getattr(w, name))
+        self._error_vs_baseline.update(w.canary_errors, w.canary_requests, w.baseline_errors, w.baseline_requests)
+        self._latency_vs_baseline.update(w.canary_slow, w.canary_requests, w.baseline_slow, w.baseline_requests)
+        self._error_slo.update(w.canary_errors, w.canary_requests)
+        self._latency_slo.update(w.canary_slow, w.canary_requests)
+        self._step_requests += int(w.canary_requests)
+        self._step_windows += 1
+        self._good_tests["error_slo_met"].update(int(w.canary_errors), int(w.canary_requests))
+        self._good_tests["latency_slo_met"].update(int(w.canary_slow), int(w.canary_requests))
+
+        # Each e-value is computed once per window and reused for the decision and the evidence.
+        rb = self._rollback_tests
+        self._log_e = {name: test.log_e for name, test in rb.items()}
+        self._log_e.update({name: test.log_e for name, test in self._good_tests.items()})
+        fired = [name for name in rb if self._log_e[name] >= self._log_rollback_bounds[name]]
+        if fired:
+            name = fired[0]
+            e = _e_value(self._log_e[name])
+            bound = math.exp(self._log_rollback_bounds[name])
+            return self._finish(
+                Decision.ROLLBACK,
+                f"Rolled back at {self.percent}%: {_ROLLBACK_DESCRIPTIONS[name]} ({self._summary()}); "
+                f"e-value {e:.3g} >= {bound:.3g}.",
+                0,
+                now,
+                fired=fired,
+            )
+
+        good = {name: self._log_e[name] >= self._log_promote_bound for name in self._good_tests}
+        enough = self._step_requests >= t.min_requests_per_step
+        if enough and all(good.values()):
+            passed = self.percent
+            if self._step + 1 == len(t.steps):
+                return self._finish(
+                    Decision.PROMOTE,
+                    f"Promoted: step {passed}% passed, canary within both SLOs ({self._summary()}).",
+                    100,
+                    now,
+                    fired=[],
+                )
+            evidence = self._evidence(now, fired=[], step_passed=passed)
+            self._step += 1
+            self._new_step_tests()
+            return Verdict(
+                Decision.CONTINUE,
+                f"Step {passed}% passed ({self._summary()}); moving to {self.percent}%.",
+                self.percent,
+                evidence,
+            )
+        missing = []
+        if not enough:
+            missing.append(f"{self._step_requests}/{t.min_requests_per_step} canary requests")
+        missing += [f"{name} not yet shown" for name, ok in good.items() if not ok]
+        return Verdict(
+            Decision.CONTINUE,
+            f"Continuing at {self.percent}%: {', '.join(missing)} ({self._summary()}).",
+            self.percent,
+            self._evidence(now, fired=[]),
+        )
+
+    def _finish(self, decision: Decision, reason: str, percent: int, now: float, fired: list[str]) -> Verdict:
+        self._final = Verdict(decision, reason, percent, self._evidence(now, fired=fired, final=decision.value))
+        return self._final
+
+    def _summary(self) -> str:
+        c = self._totals
+        parts = []
+        for what in ("errors", "slow"):
+            cr = _rate(c[f"canary_{what}"], c["canary_requests"])
+            br = _rate(c[f"baseline_{what}"], c["baseline_requests"])
+            label = "errors" if what == "errors" else "slow"
+            s = f"canary {label} {c[f'canary_{what}']}/{c['canary_requests']}"
+            if cr is not None:
+                s += f" ({cr:.3%})"
+            if br is not None:
+                s += f" vs baseline {br:.3%}"
+            parts.append(s)
+        return "; ".join(parts)
+
+    def _evidence(self, now: float, fired: list[str], **extra: Any) -> dict:
+        t = self.thresholds
+        c = dict(self._totals)
+        estimates: dict[str, float | None] = {
+            "canary_error_rate": _rate(c["canary_errors"], c["canary_requests"]),
+            "baseline_error_rate": _rate(c["baseline_errors"], c["baseline_requests"]),
+            "canary_slow_share": _rate(c["canary_slow"], c["canary_requests"]),
+            "baseline_slow_share": _rate(c["baseline_slow"], c["baseline_requests"]),
+        }
+        for what, a, b in (
+            ("error", "canary_error_rate", "baseline_error_rate"),
+            ("slow", "canary_slow_share", "baseline_slow_share"),
+        ):
+            ca, ba = estimates[a], estimates[b]
+            estimates[f"{what}_rate_ratio"] = ca / ba if ca is not None and ba else None
+        e_values = {name: _e_value(log_e) for name, log_e in self._log_e.items()}
+        evidence: dict[str, Any] = {
+            "cumulative": c,
+            "estimates": estimates,
+            "e_values": e_values,
+            "e_value_thresholds": dict(self._bounds),
+            "fired": list(fired),
+            "step_index": self._step,
+            "step_percent": t.steps[self._step],
+            "step_canary_requests": self._step_requests,
+            "windows": self._windows,
+            "missing_windows": self._missing_windows,
+            "elapsed_s": round(max(0.0, float(now) - self.started_at), 3),
+            "thresholds": {**self._thresholds_dict, "steps": list(t.steps)},
+            "rollback_alpha_shares": dict(ROLLBACK_ALPHA_SHARES),
+            "p95_slow_share": P95_SLOW_SHARE,
+        }
+        evidence.update(extra)
+        return evidence

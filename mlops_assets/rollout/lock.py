@@ -1,0 +1,65 @@
+"""One rollout per InferenceService at a time, and recovery from rollouts whose run died.
+
+The lock records which rollout (and which Dagster run) owns the service. A second rollout is
+refused with a message naming the owner. A lock whose owner is no longer running is stale: the
+next rollout takes it over after rolling the service back to its last good revision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+class RolloutInProgressError(RuntimeError):
+    """Another rollout owns this InferenceService."""
+
+
+@dataclass(frozen=True)
+class LockInfo:
+    isvc: str
+    rollout_id: str
+    run_id: str
+    strategy: str
+    version: str
+    started: float
+
+
+class RolloutLock:
+    def __init__(self, root: Path, isvc: str) -> None:
+        self.path = root / "rollouts" / f"{isvc}.lock.json"
+        self.isvc = isvc
+
+    def holder(self) -> LockInfo | None:
+        try:
+            return LockInfo(**json.loads(self.path.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def acquire(self, info: LockInfo, is_running: Callable[[str], bool]) -> LockInfo | None:
+        """Take the lock; return the stale holder it replaced (its run died), if any."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".guard"), "w") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            current = self.holder()
+            if current is not None and current.run_id != info.run_id and is_running(current.run_id):
+                raise RolloutInProgressError(
+                    f"{self.isvc} is being rolled out by {current.strategy} rollout {current.rollout_id} "
+                    f"(version {current.version}, run {current.run_id}, started {time.ctime(current.started)}); "
+                    "one rollout per InferenceService at a time: wait for it or cancel that run"
+                )
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(asdict(info)))
+            tmp.replace(self.path)
+            return current if current is not None and current.run_id != info.run_id else None
+
+    def release(self, info: LockInfo) -> None:
+        current = self.holder()
+        if current is not None and current.rollout_id == info.rollout_id:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
