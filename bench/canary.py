@@ -38,7 +38,7 @@ request fails when u_fail is below its revision's error rate, and is slow when u
 same requests, and a request that fails on the baseline would also fail on the (worse) canary. Slow requests
 only matter to ours (Flagger and the guide are modelled with their error check only, which favours them).
 
-Run: python bench/canary.py [--runs-bad 1000] [--runs-healthy 1000] [--runs-promote 500] [--seed 20240611]
+Run: python bench/canary.py [--runs-bad 1000] [--runs-healthy 2000] [--runs-promote 1000] [--seed 20240611]
 Final lines:
   bad_canary_failed_requests ours=<median> flagger_like=<median> guide=<median>
   healthy_false_rollback ours=<rate> flagger_like=<rate>
@@ -185,8 +185,8 @@ def describe(name: str, outcomes: list[Outcome]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs-bad", type=int, default=1000)
-    ap.add_argument("--runs-healthy", type=int, default=1000)
-    ap.add_argument("--runs-promote", type=int, default=500)
+    ap.add_argument("--runs-healthy", type=int, default=2000)
+    ap.add_argument("--runs-promote", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=20240611)
     args = ap.parse_args()
     rng = np.random.default_rng(args.seed)
@@ -197,7 +197,7 @@ def main() -> None:
     # (1) bad canary
     res: dict[str, list[Outcome]] = {"ours": [], "ours_1s": [], "flagger_like": [], "guide": []}
     for _ in range(args.runs_bad):
-        cum = simulate(rng, 100.0, 1800, p_canary=0.02, p_base=0.001)
+        cum = simulate(rng, 100.0, 1200, p_canary=0.02, p_base=0.001)
         res["ours"].append(run_ours(cum, default, OBSERVE_EVERY_S))
         res["ours_1s"].append(run_ours(cum, default, 1))
         res["flagger_like"].append(run_flagger(cum, threshold=5))

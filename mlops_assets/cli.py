@@ -333,13 +333,9 @@ def run_drills(instance, settings: Settings, platform, isvc: str, model: str) ->
 
 
 def _rollout_metadata(instance, run_id: str, model: str) -> dict:
-    from dagster import AssetKey, DagsterEventType, EventRecordsFilter
+    from dagster import AssetKey
 
-    records = instance.get_event_records(
-        EventRecordsFilter(event_type=DagsterEventType.ASSET_MATERIALIZATION, asset_key=AssetKey(["serving", model])),
-        limit=50,
-    )
-    for record in records:
+    for record in instance.fetch_materializations(AssetKey(["serving", model]), limit=50).records:
         if record.run_id != run_id:
             continue
         meta = record.asset_materialization.metadata
@@ -484,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_demo = sub.add_parser("demo", help="run the end-to-end lifecycle through a real Dagster instance and daemon")
     p_demo.add_argument("--requests", type=int, default=400, help="inference requests to send (default 400)")
+    p_demo.add_argument("--rate", type=float, default=50.0, help="background requests/s during rollouts (default 50)")
+    p_demo.add_argument("--skip-rollouts", action="store_true", help="stop after the first deployment")
     p_demo.add_argument(
         "--keep-running", action="store_true", help="leave the platform up for the UIs; stop with `mlops-assets stop`"
     )

@@ -110,13 +110,16 @@ def test_bernoulli_e_process_rejects_when_the_fixed_n_binomial_test_is_overwhelm
 ) -> None:
     rng = np.random.default_rng(11)
     alternative = "greater" if direction == "above" else "less"
+    overwhelming = 0
     for _ in range(20):
         k = int(rng.binomial(n, p_true))
         fixed_p = stats.binomtest(k, n, p0, alternative=alternative).pvalue
         test = BernoulliSLOTest(p0, direction)
         test.update(k, n)
         if fixed_p < 1e-6:  # overwhelming for the fixed-n test: ours (which may be read at any time) rejects too
+            overwhelming += 1
             assert test.log_e >= math.log(1 / 0.01)
+    assert overwhelming >= 15  # the cases are clear ones, so the check above is not vacuous
 
 
 @pytest.mark.parametrize(("direction", "p0"), [("above", 0.01), ("below", 0.01), ("above", 0.05), ("below", 0.05)])

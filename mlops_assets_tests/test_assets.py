@@ -63,8 +63,16 @@ def test_materializing_everything_brings_the_platform_up(resources, instance):
     assert http_json(f"{mlflow_url}/health")[0] == 200
     if services.prometheus_binary():
         assert http_json(meta["platform/prometheus"]["url"].value + "/-/ready")[0] == 200
-    (check,) = result.get_asset_check_evaluations()
-    assert check.check_name == "predictor_answers" and check.passed
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert checks["predictor_answers"].passed
+    # No traffic yet: the threshold checks say so (a warning), they never read missing data as success.
+    for name in ("error_rate", "p95_latency"):
+        assert not checks[name].passed and checks[name].severity == dg.AssetCheckSeverity.WARN
+        assert checks[name].metadata["note"].value == "no requests yet"
+    champion = {e.asset_key.to_user_string(): e for e in result.get_asset_materialization_events()}[
+        "models/fraud_detector_champion"
+    ]
+    assert champion.materialization.metadata["champion_version"].value == "1"
 
 
 def test_a_second_training_registers_a_challenger_and_serving_is_unchanged(resources, instance):
@@ -117,3 +125,52 @@ def test_bad_training_config_is_refused_before_running(resources, instance):
             instance=instance,
             run_config={"ops": {"models__fraud_detector": {"config": {"n_rows": "many"}}}},
         )
+
+
+def test_a_rollout_whose_run_died_is_reconciled_and_missing_traffic_never_promotes(resources, instance, home):
+    """A previous rollout's run died with its canary at 30%: the next rollout run rolls the service
+    back to its last good revision first (recorded as an asset event). With no traffic at all, the
+    new canary then holds and is rolled back at the no-data deadline; the blocking checks fail and
+    the champion alias does not move."""
+    import time
+
+    from mlops_assets.rollout.lock import LockInfo, RolloutLock
+    from mlops_assets.rollout.resources import RolloutPolicy
+    from mlops_assets.serving.manifest import Deployment, build_inference_service
+
+    platform = LocalPlatform(home=str(home))
+    registry = resources["mlflow"]
+    v2 = registry.get_version("fraud_detector", 2)
+    platform.apply(
+        build_inference_service(
+            Deployment(model_name="fraud_detector", version="2", storage_uri=v2.download_uri, canary_percent=30)
+        )
+    )
+    RolloutLock(home / "serving", "fraud-detector").acquire(
+        LockInfo("fraud-detector", "canary-dead", "run-that-died", "canary", "2", time.time()), is_running=lambda r: True
+    )
+    fast = {
+        **resources,
+        "rollout_policy": RolloutPolicy(no_data_deadline_s=3, poll_s=0.5, steps=[10, 50], min_requests_per_step=10),
+    }
+    result = dg.materialize(
+        [_asset("serving", "fraud_detector"), _asset("models", "fraud_detector_champion"), *ALL_CHECKS],
+        resources=fast,
+        instance=instance,
+        raise_on_error=False,
+        run_config={"ops": {"serving__fraud_detector": {"config": {"strategy": "canary", "version": "2"}}}},
+    )
+    events = [e.materialization.metadata for e in result.get_asset_materialization_events()]
+    kinds = [m["rollout_event"].value for m in events if "rollout_event" in m]
+    assert kinds[0] == "reconcile_rollback" and kinds[-1] == "rollback", kinds
+    final = events[-1]
+    assert final["rollout_outcome"].value == "rolled_back"
+    assert "no_data_deadline" in final["evidence"].value["fired"]
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert not checks["error_rate"].passed and checks["error_rate"].severity == dg.AssetCheckSeverity.ERROR
+    assert "models/fraud_detector_champion" not in {
+        e.asset_key.to_user_string() for e in result.get_asset_materialization_events()
+    }
+    status = platform.status("fraud-detector")
+    assert status.stable_version == "1" and status.percent_of(status.latest_rolledout) == 100
+    assert RolloutLock(home / "serving", "fraud-detector").holder() is None

@@ -1,6 +1,7 @@
 """The main job end to end, as a user runs it: `mlops-assets demo` starts the Dagster daemon on a
-real instance, submits runs with `dagster job launch`, sends real traffic, prints the summary, and
-leaves no process behind."""
+real instance, submits runs with `dagster job launch`, sends real traffic, registers new versions in
+MLflow for `mlflow_registry_sensor` to roll out (a good one by canary, a faulty one that must be
+rolled back, blue-green, A/B), prints the summary, and leaves no process behind."""
 
 from __future__ import annotations
 
@@ -29,15 +30,37 @@ def test_demo_runs_the_lifecycle_through_the_daemon_and_cleans_up(tmp_path, monk
     assert out.returncode == 0, log[-5000:]
     assert "mlops-assets: lifecycle complete" in out.stdout
     assert "serving/fraud_detector:predictor_answers passed=True" in out.stdout
-    assert "| fraud-detector-predictor-00001 | 1 | 100 |" in out.stdout
+    assert "| good v2, canary | v2 | canary_rollout_job | promoted | promoted |" in out.stdout
+    assert "| faulty v3 (fails 2% of requests), canary | v3 | canary_rollout_job | rolled_back | rolled_back |" in out.stdout
+    assert "| v4, blue-green | v4 | blue_green_job | promoted | promoted |" in out.stdout
+    assert "| v5 (converts better), A/B test | v5 | ab_test_job | promoted | promoted |" in out.stdout
     assert "All processes started by the demo were stopped." in out.stdout
 
     # The runs really went through the instance under DAGSTER_HOME and were launched by the daemon.
     monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))  # dagster.yaml reads it
     with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
         runs = instance.get_runs()
-        assert {r.job_name for r in runs} == {"lifecycle_job", "observe_serving_job"}
-        assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
-        serving = instance.get_latest_materialization_event(dg.AssetKey(["serving", "fraud_detector"]))
-        assert serving.asset_materialization.metadata["requests_total"].value >= 120
+        assert {r.job_name for r in runs} == {
+            "lifecycle_job",
+            "observe_serving_job",
+            "canary_rollout_job",
+            "blue_green_job",
+            "ab_test_job",
+        }
+        key = dg.AssetKey(["serving", "fraud_detector"])
+        events = [r.asset_materialization.metadata for r in instance.fetch_materializations(key, limit=200).records]
+        outcomes = {(m["candidate_version"].value, m["rollout_outcome"].value) for m in events if "rollout_outcome" in m}
+        assert outcomes == {("2", "promoted"), ("3", "rolled_back"), ("4", "promoted"), ("5", "promoted")}
+        # Zero failed requests on the primary revision during every rollout, the faulty one included.
+        assert all(m["stable_failed_requests"].value == 0 for m in events if "rollout_outcome" in m)
+        # Every traffic change of the faulty canary is on record with its evidence.
+        v3 = [m for m in events if m.get("candidate_version") and m["candidate_version"].value == "3" and "rollout_event" in m]
+        assert {m["rollout_event"].value for m in v3} >= {"canary_start", "rollback"}
+        assert all("evidence" in m for m in v3 if m["rollout_event"].value == "rollback")
+        # The champion alias followed the rollouts: v5 won its A/B test.
+        champion = instance.get_latest_materialization_event(dg.AssetKey(["models", "fraud_detector_champion"]))
+        assert champion.asset_materialization.metadata["champion_version"].value == "5"
+        # The faulty canary's checks failed; the first version's error-rate check had no data yet.
+        checks = instance.event_log_storage.get_asset_check_execution_history(dg.AssetCheckKey(key, "error_rate"), limit=50)
+        assert any(c.status.value == "FAILED" for c in checks)
     assert not processes_under(home), processes_under(home)

@@ -18,7 +18,9 @@ MODEL = "fraud_detector"
 @pytest.fixture()
 def registry(tmp_path) -> MlflowRegistry:
     (tmp_path / "mlflow").mkdir()
-    return MlflowRegistry(tracking_uri=f"sqlite:///{tmp_path}/mlflow/mlflow.db", artifact_root=str(tmp_path / "mlflow" / "artifacts"))
+    return MlflowRegistry(
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow/mlflow.db", artifact_root=str(tmp_path / "mlflow" / "artifacts")
+    )
 
 
 def _tick(registry, cursor=None):

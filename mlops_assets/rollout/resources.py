@@ -5,7 +5,6 @@ from __future__ import annotations
 import dagster as dg
 from pydantic import Field
 
-
 STRATEGIES = {"canary": "canary_rollout_job", "blue_green": "blue_green_job", "ab_test": "ab_test_job"}
 STRATEGY_TAG = "rollout_strategy"
 

@@ -266,6 +266,25 @@ def build_serving_asset(model_name: str) -> tuple[dg.AssetsDefinition, list[dg.A
             metadata={"v1_status": v1_code, "v2_status": v2_code, "v1_scores": n_v1, "v2_scores": n_v2, "url": status.url},
         )
 
+    def _rollout_verdict(instance: dg.DagsterInstance, revision: str | None, kinds: set[str]) -> dict | None:
+        """The last rollout's evidence if it rolled `revision` back for one of `kinds` of test."""
+        event = instance.get_latest_materialization_event(key)
+        meta = event.asset_materialization.metadata if event else {}
+        if "rollout_outcome" not in meta or meta["rollout_outcome"].value != "rolled_back":
+            return None
+        if "candidate_revision" not in meta or meta["candidate_revision"].value != revision:
+            return None
+        evidence = meta["evidence"].value if "evidence" in meta else {}
+        fired = set(evidence.get("fired") or [])
+        failed_validation = bool(evidence.get("validation_errors"))
+        if fired & kinds or (failed_validation and "error_slo" in kinds) or (not fired and not failed_validation):
+            return {
+                "rollout_id": meta["rollout_id"].value,
+                "rolled_back_by": ", ".join(sorted(fired)) or ("validation" if failed_validation else "no decision"),
+                "rollout_reason": meta["reason"].value if "reason" in meta else "",
+            }
+        return None
+
     def _judged_revision(serving: ServingPlatform, metrics: MetricsSource):
         """The newest ready revision (the candidate of the last rollout), with its counts."""
         status = serving.status(isvc)
@@ -273,8 +292,12 @@ def build_serving_asset(model_name: str) -> tuple[dg.AssetsDefinition, list[dg.A
         return status, status.latest_ready, counts.get(status.latest_ready)
 
     @dg.asset_check(asset=key, name=CHECK_ERROR_RATE, blocking=True)
-    def _error_rate(serving: ServingPlatform, metrics: MetricsSource, rollout_policy: RolloutPolicy) -> dg.AssetCheckResult:
-        """The newest revision's share of 5xx responses is within the policy's max_error_rate."""
+    def _error_rate(
+        context: dg.AssetCheckExecutionContext, serving: ServingPlatform, metrics: MetricsSource, rollout_policy: RolloutPolicy
+    ) -> dg.AssetCheckResult:
+        """The newest revision's share of 5xx responses is within the policy's max_error_rate, and
+        no rollout rolled it back for errors (its sequential tests see degradations that a point
+        estimate against the threshold cannot)."""
         query = metrics.describe_query(isvc)
         try:
             status, revision, counts = _judged_revision(serving, metrics)
@@ -283,6 +306,12 @@ def build_serving_asset(model_name: str) -> tuple[dg.AssetsDefinition, list[dg.A
                 passed=False, severity=dg.AssetCheckSeverity.ERROR, metadata={"error": str(exc), "query": query}
             )
         meta = {"threshold": rollout_policy.max_error_rate, "query": query, "revision": revision or ""}
+        verdict = _rollout_verdict(context.instance, revision, {"error_vs_baseline", "error_slo", "no_data_deadline"})
+        if verdict is not None:
+            observed = counts.error_rate if counts is not None and counts.requests else -1.0
+            return dg.AssetCheckResult(
+                passed=False, severity=dg.AssetCheckSeverity.ERROR, metadata={**meta, "observed": observed, **verdict}
+            )
         if counts is None or counts.requests == 0:
             return dg.AssetCheckResult(
                 passed=False, severity=dg.AssetCheckSeverity.WARN, metadata={**meta, "note": "no requests yet"}
@@ -293,8 +322,11 @@ def build_serving_asset(model_name: str) -> tuple[dg.AssetsDefinition, list[dg.A
         )
 
     @dg.asset_check(asset=key, name=CHECK_P95_LATENCY, blocking=True)
-    def _p95(serving: ServingPlatform, metrics: MetricsSource, rollout_policy: RolloutPolicy) -> dg.AssetCheckResult:
-        """The newest revision's p95 latency (through the router) is within max_p95_latency_s."""
+    def _p95(
+        context: dg.AssetCheckExecutionContext, serving: ServingPlatform, metrics: MetricsSource, rollout_policy: RolloutPolicy
+    ) -> dg.AssetCheckResult:
+        """The newest revision's p95 latency (through the router) is within max_p95_latency_s, and
+        no rollout rolled it back for latency."""
         query = metrics.describe_query(isvc)
         try:
             status, revision, counts = _judged_revision(serving, metrics)
@@ -303,6 +335,9 @@ def build_serving_asset(model_name: str) -> tuple[dg.AssetsDefinition, list[dg.A
                 passed=False, severity=dg.AssetCheckSeverity.ERROR, metadata={"error": str(exc), "query": query}
             )
         meta = {"threshold_s": rollout_policy.max_p95_latency_s, "query": query, "revision": revision or ""}
+        verdict = _rollout_verdict(context.instance, revision, {"latency_vs_baseline", "latency_slo", "no_data_deadline"})
+        if verdict is not None:
+            return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.ERROR, metadata={**meta, **verdict})
         p95 = counts.latency_quantile(0.95) if counts is not None else None
         if p95 is None:
             return dg.AssetCheckResult(

@@ -6,26 +6,184 @@ one revision's model server, chosen by the traffic split (weighted at random, or
 latency per revision on `/metrics`: KServe's model server has no count by status, so error rates
 come from here. Tag routes reach one revision whatever the split: a `Host` starting `latest-` or
 `prev-` (KServe's tag hostnames), the header `x-mlops-tag`, or a path prefix `/latest/`, `/prev/`.
+Upstream requests go through a small keep-alive HTTP/1.1 pool parsed with httptools (the parser
+uvicorn uses) rather than aiohttp's `ClientSession`: measured in `bench/router_overhead.py`, that
+halves the router's added p50 latency (about 1.1 ms to 0.7 ms) on these 2-core machines.
 The platform pushes a new routing table with `POST /-/routes`; on restart the router reads the
 table from its file, so a routing change is never lost with a process.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import random
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from aiohttp import ClientError, ClientSession, ClientTimeout, ServerDisconnectedError, TCPConnector, web
+import httptools
+from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 TAGS = ("latest", "prev")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _HOP_BY_HOP = {"host", "connection", "keep-alive", "transfer-encoding", "content-length", "upgrade", "te", "trailer"}
+
+
+class UpstreamError(OSError):
+    """The upstream connection failed or answered something that is not HTTP."""
+
+
+class StaleConnectionError(UpstreamError):
+    """A pooled keep-alive connection was closed before any byte of a response came back."""
+
+
+class _UpstreamConnection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection to a model server; one request at a time."""
+
+    def __init__(self, pool: _UpstreamPool, key: tuple[str, int]) -> None:
+        self.pool, self.key = pool, key
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.waiter: asyncio.Future | None = None
+        self.closed = False
+        self.got_bytes = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self.content_type = b""
+        self.chunks: list[bytes] = []
+        self.got_bytes = False
+
+    # asyncio.Protocol
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamError(f"bad HTTP response: {exc}"))
+
+    def eof_received(self):
+        return False  # close the transport; connection_lost follows
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self.pool.forget(self)
+        if self.waiter is not None and not self.waiter.done():
+            try:
+                self.parser.feed_eof()  # a close-delimited body ends here
+            except httptools.HttpParserError:
+                pass
+            if self.waiter is not None and not self.waiter.done():
+                err = StaleConnectionError if not self.got_bytes else UpstreamError
+                self.waiter.set_exception(err("upstream closed the connection"))
+
+    # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() == b"content-type":
+            self.content_type = value
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+
+    def on_message_complete(self) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result((self.parser.get_status_code(), self.content_type.decode("latin-1"), b"".join(self.chunks)))
+        if not self.parser.should_keep_alive():
+            self.close()
+
+    def _fail(self, exc: Exception) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(exc)
+        self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    async def request(self, head: bytes, body: bytes, timeout: float) -> tuple[int, str, bytes]:
+        loop = asyncio.get_running_loop()
+        self._reset()
+        self.waiter = waiter = loop.create_future()
+        self.transport.write(head + body if len(body) < 16384 else head)
+        if len(body) >= 16384:
+            self.transport.write(body)
+        timer = loop.call_later(timeout, self._fail, TimeoutError())
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            self.close()  # the response may still arrive: never reuse this connection
+            raise
+        finally:
+            timer.cancel()
+
+
+class _UpstreamPool:
+    """Idle keep-alive connections per (host, port); new ones are opened on demand."""
+
+    def __init__(self, timeout: float = 30.0) -> None:
+        self.timeout = timeout
+        self.idle: dict[tuple[str, int], list[_UpstreamConnection]] = {}
+        self.all: set[_UpstreamConnection] = set()
+
+    def forget(self, conn: _UpstreamConnection) -> None:
+        self.all.discard(conn)
+        idle = self.idle.get(conn.key)
+        if idle and conn in idle:
+            idle.remove(conn)
+
+    async def _acquire(self, key: tuple[str, int]) -> tuple[_UpstreamConnection, bool]:
+        idle = self.idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                return conn, True
+        return await self._connect(key), False
+
+    async def _connect(self, key: tuple[str, int]) -> _UpstreamConnection:
+        loop = asyncio.get_running_loop()
+        _, conn = await asyncio.wait_for(loop.create_connection(lambda: _UpstreamConnection(self, key), *key), self.timeout)
+        self.all.add(conn)
+        return conn
+
+    async def request(self, key: tuple[str, int], head: bytes, body: bytes) -> tuple[int, str, bytes]:
+        conn, reused = await self._acquire(key)
+        try:
+            result = await conn.request(head, body, self.timeout)
+        except StaleConnectionError:
+            if not reused:
+                raise
+            # A pooled connection the server had already closed: nothing was processed, so one
+            # retry on a fresh connection is safe (as the project's router does).
+            conn = await self._connect(key)
+            result = await conn.request(head, body, self.timeout)
+        if not conn.closed:
+            self.idle.setdefault(key, []).append(conn)
+        return result
+
+    def close(self) -> None:
+        for conn in list(self.all):
+            conn.close()
+        self.all.clear()
+        self.idle.clear()
+
+
+def _request_head(method: str, path: str, host: str, headers, body_len: int) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1\r\nhost: {host}\r\n"]
+    for k, v in headers.items():
+        if k.lower() not in _HOP_BY_HOP:
+            lines.append(f"{k}: {v}\r\n")
+    lines.append(f"content-length: {body_len}\r\n\r\n")
+    return "".join(lines).encode("latin-1")
 
 
 class RoutingError(ValueError):
@@ -78,7 +236,7 @@ class Router:
             ["isvc", "revision", "outcome"],
             registry=self.registry,
         )
-        self.session: ClientSession | None = None
+        self.pool: _UpstreamPool | None = None
         self.set_routes(json.loads(routes_file.read_text()))
 
     def set_routes(self, routes: dict) -> None:
@@ -91,6 +249,10 @@ class Router:
         self.routes = routes
         self.cumulative = cumulative
         self.upstreams = dict(routes["revisions"])
+        self.upstream_keys = {}
+        for rev, base in self.upstreams.items():
+            u = urlsplit(base)
+            self.upstream_keys[rev] = ((u.hostname, u.port or 80), f"{u.hostname}:{u.port or 80}", u.path.rstrip("/"))
         self.tags = dict(routes.get("tags") or {})
 
     def revision_for_key(self, key: str) -> str:
@@ -128,26 +290,18 @@ class Router:
     async def proxy(self, request: web.Request) -> web.Response:
         revision, path = self.pick(request)
         body = await request.read()
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+        key, host, prefix = self.upstream_keys[revision]
+        head = _request_head(request.method, prefix + path, host, request.headers, len(body))
         start = time.perf_counter()
-        url = self.upstreams[revision] + path
         try:
-            try:
-                status, content_type, payload = await self._forward(request.method, url, body, headers)
-            except ServerDisconnectedError:
-                # A pooled keep-alive connection the server had already closed: nothing was
-                # processed, so one retry on a fresh connection is safe.
-                status, content_type, payload = await self._forward(request.method, url, body, headers)
-        except (TimeoutError, ClientError, OSError) as exc:
+            status, content_type, payload = await self.pool.request(key, head, body)
+        except (TimeoutError, OSError) as exc:
             status, content_type = 502, "application/json"
             payload = json.dumps({"error": f"revision {revision} unreachable: {exc.__class__.__name__}"}).encode()
         self.latency.labels(self.isvc, revision).observe(time.perf_counter() - start)
         self.requests.labels(self.isvc, revision, str(status)).inc()
-        return web.Response(body=payload, status=status, headers={"content-type": content_type, "x-mlops-revision": revision})
-
-    async def _forward(self, method: str, url: str, body: bytes, headers: dict) -> tuple[int, str, bytes]:
-        async with self.session.request(method, url, data=body, headers=headers) as up:
-            return up.status, up.headers.get("content-type", "application/json"), await up.read()
+        headers = {"content-type": content_type or "application/json", "x-mlops-revision": revision}
+        return web.Response(body=payload, status=status, headers=headers)
 
     async def update_routes(self, request: web.Request) -> web.Response:
         try:
@@ -182,13 +336,11 @@ class Router:
         return web.json_response({"isvc": self.isvc, "traffic": self.routes["traffic"], "tags": self.tags})
 
     async def on_startup(self, app: web.Application) -> None:
-        self.session = ClientSession(
-            connector=TCPConnector(limit=512, keepalive_timeout=60), timeout=ClientTimeout(total=30), auto_decompress=False
-        )
+        self.pool = _UpstreamPool(timeout=30.0)
 
     async def on_cleanup(self, app: web.Application) -> None:
-        if self.session:
-            await self.session.close()
+        if self.pool:
+            self.pool.close()
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
