@@ -6,6 +6,7 @@ import dagster as dg
 
 from mlops_assets.models import assets as models
 from mlops_assets.models import sensors as model_sensors
+from mlops_assets.monitoring import sensors as monitoring_sensors
 from mlops_assets.platform import assets as platform
 from mlops_assets.resources import build_resources
 from mlops_assets.serving import assets as serving
@@ -33,6 +34,7 @@ def build_definitions() -> dg.Definitions:
         models.defs,
         serving.defs,
         model_sensors.defs,
+        monitoring_sensors.defs,
         dg.Definitions(jobs=[lifecycle_job, observe_serving_job], resources=build_resources(load_settings())),
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from mlops_assets.models.registry import MlflowRegistry
+from mlops_assets.monitoring.alerts import PrometheusAlerts
 from mlops_assets.platform.resources import LocalPlatformServices
 from mlops_assets.rollout.resources import RolloutPolicy
 from mlops_assets.serving.metrics import PrometheusMetrics, ScrapeMetrics
@@ -26,6 +27,7 @@ def build_resources(settings: Settings) -> dict:
         "mlflow": registry,
         "serving": LocalPlatform(home=str(settings.home)),
         "metrics": metrics,
+        "prometheus_alerts": PrometheusAlerts(url=settings.prometheus_url or f"http://127.0.0.1:{settings.prometheus_port}"),
         "rollout_policy": RolloutPolicy(**(settings.rollout or {})),
         "platform_services": LocalPlatformServices(
             home=str(settings.home),

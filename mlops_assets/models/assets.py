@@ -4,6 +4,7 @@ import dagster as dg
 from pydantic import Field
 
 from mlops_assets.models.registry import CHALLENGER, CHAMPION, MlflowRegistry, UnknownModelError
+from mlops_assets.serving.platform import ServingPlatform
 
 GROUP = "models"
 #: The demo model family: every name gets a `models/<name>` and a `serving/<name>` asset.
@@ -14,6 +15,8 @@ class TrainingConfig(dg.Config):
     n_rows: int = Field(default=20_000, ge=100, le=5_000_000, description="rows of generated data")
     seed: int = Field(default=0, description="data seed")
     shift: float = Field(default=0.0, ge=-3.0, le=3.0, description="distribution shift in standard deviations")
+    recent_data: bool = Field(default=False, description="retrain on the recent traffic the serving path logged")
+    triggered_by: str = ""
 
 
 def _versions_table(versions) -> str:
@@ -32,7 +35,9 @@ def build_model_asset(model_name: str) -> dg.AssetsDefinition:
         deps=[dg.AssetKey(["platform", "mlflow_backend_store"]), dg.AssetKey(["platform", "artifact_store"])],
         kinds={"mlflow", "scikitlearn"},
     )
-    def _model(context: dg.AssetExecutionContext, config: TrainingConfig, mlflow: MlflowRegistry) -> dg.MaterializeResult:
+    def _model(
+        context: dg.AssetExecutionContext, config: TrainingConfig, mlflow: MlflowRegistry, serving: ServingPlatform
+    ) -> dg.MaterializeResult:
         """A registered model in MLflow. Materializing trains on freshly generated data, logs the
         model with its signature, input example and training-data snapshot, and registers a new
         version: the first becomes `champion`, later ones `challenger` (a rollout promotes them)."""
@@ -76,4 +81,9 @@ def build_model_asset(model_name: str) -> dg.AssetsDefinition:
 
 
 model_assets = [build_model_asset(name) for name in MODEL_NAMES]
-defs = dg.Definitions(assets=model_assets)
+retrain_job = dg.define_asset_job(
+    "retrain_job",
+    selection=dg.AssetSelection.assets(*model_assets),
+    description="Retrain on recent traffic and register a new version (its rollout follows via the registry sensor).",
+)
+defs = dg.Definitions(assets=model_assets, jobs=[retrain_job])

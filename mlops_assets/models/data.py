@@ -47,15 +47,21 @@ def generate_fraud_data(n_rows: int, seed: int = 0, shift: float = 0.0) -> pd.Da
             p = p * np.exp(-shift * (p - p.mean()) * 10)
             p = p / p.sum()
         frame[column] = rng.choice(levels, size=n_rows, p=p)
+    frame[TARGET] = label_fraud(frame, rng)
+    return frame
+
+
+def label_fraud(features: pd.DataFrame, rng: np.random.Generator) -> np.ndarray:
+    """Ground-truth labels from the generating process. For recent traffic this stands in for the
+    labels a real platform gets later (chargebacks, analyst review)."""
     logit = (
         -4.0
-        + 0.6 * (np.log(frame["amount"]) - 3.5)
-        + 0.02 * frame["distance_km"]
-        - 0.001 * frame["account_age_days"]
-        + 0.2 * frame["tx_count_24h"]
-        + 3.0 * frame["merchant_risk"]
-        + 0.8 * ((frame["hour"] < 6) | (frame["hour"] > 22))
-        + sum(frame[c].map(_RISKY).fillna(0.0) for c in CATEGORICAL_FEATURES)
+        + 0.6 * (np.log(features["amount"].astype(float).clip(lower=0.01)) - 3.5)
+        + 0.02 * features["distance_km"].astype(float)
+        - 0.001 * features["account_age_days"].astype(float)
+        + 0.2 * features["tx_count_24h"].astype(float)
+        + 3.0 * features["merchant_risk"].astype(float)
+        + 0.8 * ((features["hour"] < 6) | (features["hour"] > 22))
+        + sum(features[c].map(_RISKY).fillna(0.0) for c in CATEGORICAL_FEATURES)
     )
-    frame[TARGET] = (rng.random(n_rows) < 1 / (1 + np.exp(-logit))).astype(int)
-    return frame
+    return (rng.random(len(features)) < 1 / (1 + np.exp(-logit.to_numpy(dtype=float)))).astype(int)

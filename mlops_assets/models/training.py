@@ -12,7 +12,17 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlops_assets.models.data import CATEGORICAL_FEATURES, FEATURES, NUMERIC_FEATURES, TARGET, generate_fraud_data
+import numpy as np
+import pandas as pd
+
+from mlops_assets.models.data import (
+    CATEGORICAL_FEATURES,
+    FEATURES,
+    NUMERIC_FEATURES,
+    TARGET,
+    generate_fraud_data,
+    label_fraud,
+)
 from mlops_assets.models.registry import MlflowRegistry, VersionInfo, validate_model_name
 
 log = logging.getLogger(__name__)
@@ -44,6 +54,7 @@ def train_and_register(
     fault: Fault | None = None,
     triggered_by: str = "manual",
     strategy: str | None = None,
+    recent: pd.DataFrame | None = None,
 ) -> VersionInfo:
     """Fit the pipeline on generated data, log it to MLflow and register a new version."""
     import mlflow
@@ -58,7 +69,15 @@ def train_and_register(
     from mlops_assets.models.scorer import FaultInjectingScorer, FraudScorer
 
     validate_model_name(model_name)
-    frame = generate_fraud_data(n_rows, seed=seed, shift=shift)
+    if recent is not None:
+        # Retraining on recent traffic: its features, labelled by the ground truth (see label_fraud).
+        if len(recent) < 200:
+            raise ValueError(f"retraining needs at least 200 recent rows, got {len(recent)}")
+        frame = recent[FEATURES].dropna().reset_index(drop=True)
+        frame[TARGET] = label_fraud(frame, np.random.default_rng(seed))
+        n_rows = len(frame)
+    else:
+        frame = generate_fraud_data(n_rows, seed=seed, shift=shift)
     train, test = train_test_split(frame, test_size=0.25, random_state=seed, stratify=frame[TARGET])
     pipeline = Pipeline(
         [
@@ -89,6 +108,8 @@ def train_and_register(
     mlflow.set_registry_uri(registry.tracking_uri)
     experiment_id = registry.ensure_experiment(EXPERIMENT)
     tags = {"triggered_by": triggered_by, "data_seed": str(seed), "data_shift": str(shift)}
+    if recent is not None:
+        tags["training_data"] = f"recent traffic ({n_rows} rows)"
     if strategy:
         tags["rollout_strategy"] = strategy
     if fault is not None:

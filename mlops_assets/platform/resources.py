@@ -74,5 +74,6 @@ class LocalPlatformServices(PlatformServices):
     def prometheus(self) -> dict:
         if services.prometheus_binary() is None:
             return {"installed": False, "note": "prometheus not on PATH: metrics are scraped directly from the routers"}
-        record = services.start_prometheus(self._home, self.prometheus_port)
-        return {"installed": True, "url": record.url, "pid": record.pid, "log": record.log}
+        rules = [services.RULES_FILE] if services.RULES_FILE.exists() else []
+        record = services.start_prometheus(self._home, self.prometheus_port, rules=rules, mlflow_port=self.mlflow_ui_port)
+        return {"installed": True, "url": record.url, "pid": record.pid, "log": record.log, "rules": ", ".join(map(str, rules))}

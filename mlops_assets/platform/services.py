@@ -22,7 +22,12 @@ scrape_configs:
     file_sd_configs:
       - files: ['{targets}']
         refresh_interval: 5s
+  - job_name: mlflow
+    static_configs:
+      - targets: ['127.0.0.1:{mlflow_port}']
 """
+#: The alert rules shipped in k8s/ and used as is by the local Prometheus.
+RULES_FILE = Path(__file__).resolve().parents[2] / "k8s" / "base" / "monitoring" / "rules" / "mlops-alerts.yaml"
 
 
 def _pid_file(home: Path, name: str) -> Path:
@@ -55,6 +60,9 @@ def start_mlflow_ui(home: Path, tracking_uri: str, artifact_root: Path, port: in
         str(port),
         "--workers",
         "1",
+        # /metrics for Prometheus, so the MLflowDown alert has something to watch.
+        "--expose-prometheus",
+        str(home / "mlflow" / "prometheus"),
     ]
     record = processes.spawn(
         cmd,
@@ -72,7 +80,9 @@ def prometheus_binary() -> str | None:
     return shutil.which("prometheus")
 
 
-def start_prometheus(home: Path, port: int, interval: str = "2s", rules: list[Path] | None = None) -> processes.ProcessRecord:
+def start_prometheus(
+    home: Path, port: int, interval: str = "2s", rules: list[Path] | None = None, mlflow_port: int = 5055
+) -> processes.ProcessRecord:
     """Prometheus scraping every local router and model server (file-based discovery)."""
     record = running(home, "prometheus")
     if record is not None:
@@ -87,7 +97,7 @@ def start_prometheus(home: Path, port: int, interval: str = "2s", rules: list[Pa
     if not targets.exists():
         targets.write_text("[]")
     config = base / "prometheus.yml"
-    text = PROMETHEUS_CONFIG.format(interval=interval, targets=targets)
+    text = PROMETHEUS_CONFIG.format(interval=interval, targets=targets, mlflow_port=mlflow_port)
     if rules:
         text += "rule_files:\n" + "".join(f"  - '{r}'\n" for r in rules)
     config.write_text(text)

@@ -146,6 +146,8 @@ def build_serving_asset(model_name: str) -> tuple[dg.AssetsDefinition, list[dg.A
         from mlops_assets.rollout.lock import LockInfo, RolloutLock
         from mlops_assets.rollout.strategies import RolloutContext, run_ab_test, run_blue_green, run_canary
 
+        if config.strategy == "rollback":
+            return _alert_rollback(context, config, mlflow, serving, metrics)
         if config.strategy not in STRATEGIES:
             raise dg.Failure(f"unknown rollout strategy {config.strategy!r}; expected one of {sorted(STRATEGIES)}")
         version = (
@@ -247,6 +249,32 @@ def build_serving_asset(model_name: str) -> tuple[dg.AssetsDefinition, list[dg.A
         )
         return dg.MaterializeResult(metadata=metadata)
 
+    def _alert_rollback(context, config, mlflow, serving, metrics) -> dg.MaterializeResult:
+        """An alert fired on the stable revision: send traffic back to the previous good one (kept
+        warm) and point MLflow's champion at it. The bad revision stays at 0% for debugging."""
+        before = serving.status(isvc)
+        bad = before.latest_rolledout
+        status = serving.rollback(isvc)
+        good_version = status.stable_version
+        if good_version:
+            mlflow.set_alias(model_name, CHAMPION, good_version)
+        reason = f"rolled back {bad} (v{before.stable_version}) to v{good_version}: {config.triggered_by or 'manual'}"
+        context.log.warning(reason)
+        metadata = _final_metadata(status, mlflow, serving, metrics, good_version or "", f"models:/{model_name}/{good_version}")
+        metadata.update(
+            {
+                "rollout_id": f"rollback-{model_name}-{uuid.uuid4().hex[:6]}",
+                "rollout_event": "alert_rollback",
+                "rollout_outcome": "rolled_back",
+                "strategy": "rollback",
+                "candidate_version": before.stable_version or "",
+                "candidate_revision": bad or "",
+                "reason": reason,
+                "evidence": dg.MetadataValue.json({"fired": ["prometheus_alert"], "trigger": config.triggered_by}),
+            }
+        )
+        return dg.MaterializeResult(metadata=metadata)
+
     @dg.asset_check(asset=key, name=CHECK_PREDICTOR_ANSWERS, blocking=True)
     def _answers(serving: ServingPlatform) -> dg.AssetCheckResult:
         """The InferenceService answers valid V1 and V2 requests with 200 and one score per row."""
@@ -277,7 +305,11 @@ def build_serving_asset(model_name: str) -> tuple[dg.AssetsDefinition, list[dg.A
         evidence = meta["evidence"].value if "evidence" in meta else {}
         fired = set(evidence.get("fired") or [])
         failed_validation = bool(evidence.get("validation_errors"))
-        if fired & kinds or (failed_validation and "error_slo" in kinds) or (not fired and not failed_validation):
+        if (
+            fired & (kinds | {"prometheus_alert"})
+            or (failed_validation and "error_slo" in kinds)
+            or (not fired and not failed_validation)
+        ):
             return {
                 "rollout_id": meta["rollout_id"].value,
                 "rolled_back_by": ", ".join(sorted(fired)) or ("validation" if failed_validation else "no decision"),
@@ -388,4 +420,7 @@ rollout_jobs = [
     dg.define_asset_job(job, selection=rollout_selection, description=f"Roll a model version out with the {strategy} strategy.")
     for strategy, job in STRATEGIES.items()
 ]
-defs = dg.Definitions(assets=[*serving_assets, *champion_assets], asset_checks=serving_checks, jobs=rollout_jobs)
+rollback_job = dg.define_asset_job(
+    "rollback_job", selection=rollout_selection, description="Send traffic back to the previous good revision (alert-driven)."
+)
+defs = dg.Definitions(assets=[*serving_assets, *champion_assets], asset_checks=serving_checks, jobs=[*rollout_jobs, rollback_job])

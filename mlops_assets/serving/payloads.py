@@ -23,3 +23,45 @@ def v2_payload(frame: pd.DataFrame) -> dict:
             }
         )
     return {"inputs": inputs}
+
+
+def rows_from_payload(body: dict, columns: list[str]) -> list[dict]:
+    """Feature rows from one logged V1 or V2 request body (unparseable parts are skipped)."""
+    if "instances" in body and isinstance(body["instances"], list):
+        rows = []
+        for item in body["instances"]:
+            if isinstance(item, dict):
+                rows.append(item)
+            elif isinstance(item, list) and len(item) == len(columns):
+                rows.append(dict(zip(columns, item, strict=True)))
+        return rows
+    if "inputs" in body and isinstance(body["inputs"], list):
+        tensors = {t.get("name"): t.get("data") for t in body["inputs"] if isinstance(t, dict)}
+        lengths = {len(v) for v in tensors.values() if isinstance(v, list)}
+        if len(lengths) != 1:
+            return []
+        (n,) = lengths
+        return [{name: data[i] for name, data in tensors.items() if isinstance(data, list)} for i in range(n)]
+    return []
+
+
+def read_payload_log(directory, columns: list[str], max_rows: int = 200_000) -> pd.DataFrame:
+    """The most recent logged request rows (newest file last), at most `max_rows`."""
+    import json
+    from pathlib import Path
+
+    rows: list[dict] = []
+    for name in ("previous.jsonl", "current.jsonl"):
+        path = Path(directory) / name
+        if not path.exists():
+            continue
+        with open(path, "rb") as handle:
+            for line in handle:
+                try:
+                    body = json.loads(line)
+                except ValueError:
+                    continue  # a torn last line while the router writes
+                if isinstance(body, dict):
+                    rows.extend(rows_from_payload(body, columns))
+    rows = rows[-max_rows:]
+    return pd.DataFrame(rows, columns=columns) if rows else pd.DataFrame(columns=columns)

@@ -117,6 +117,10 @@ class ServingPlatform(dg.ConfigurableResource, ABC):
         """Bring what runs in line with what is recorded; returns what was restarted."""
         return []
 
+    def recent_payloads(self, name: str, columns: list[str], max_rows: int = 200_000):
+        """Recent inference request rows the serving path logged (the drift reports' current data)."""
+        raise NotImplementedError(f"{type(self).__name__} does not log payloads")
+
     @abstractmethod
     def rollback(self, name: str) -> ServiceStatus:
         """During a canary, send all traffic back to the rolled-out revision; after a promotion,
@@ -132,6 +136,24 @@ class LocalPlatform(ServingPlatform):
 
     home: str
     ready_timeout_s: float = 120.0
+    payload_sample_rate: float = 0.25
+    payload_max_bytes: int = 32 * 1024 * 1024
+
+    def recent_payloads(self, name: str, columns: list[str], max_rows: int = 200_000):
+        from mlops_assets.serving.payloads import read_payload_log
+
+        status = self.status(name)
+        if status.url:
+            # Ask the router to flush its buffered log first; a stopped router has nothing buffered.
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(
+                    urllib.request.Request(f"{status.url}/-/payloads/flush", data=b"", method="POST"), timeout=5
+                )
+        return read_payload_log(self.payload_dir(name), columns, max_rows)
+
+    def payload_dir(self, name: str) -> Path:
+        """Where the router logs sampled inference payloads (the drift reports' current data)."""
+        return Path(self.home) / "payloads" / validate_dns1035(name, "InferenceService name")
 
     # ---- layout -------------------------------------------------------------------------------
     @property
@@ -200,7 +222,19 @@ class LocalPlatform(ServingPlatform):
         state["router_port"] = port
         self._write_json(directory / "routes.json", self._routes(state))
         config_file = directory / "router.json"
-        self._write_json(config_file, {"isvc": state["name"], "routes_file": str(directory / "routes.json"), "port": port})
+        self._write_json(
+            config_file,
+            {
+                "isvc": state["name"],
+                "routes_file": str(directory / "routes.json"),
+                "port": port,
+                "payload_log": {
+                    "dir": str(self.payload_dir(state["name"])),
+                    "sample_rate": self.payload_sample_rate,
+                    "max_bytes": self.payload_max_bytes,
+                },
+            },
+        )
         record = processes.spawn(
             [sys.executable, "-m", "mlops_assets.serving.router", str(config_file)],
             port=port,

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import httptools
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 TAGS = ("latest", "prev")
@@ -212,9 +212,41 @@ def validate_routes(routes: dict) -> dict:
     return routes
 
 
+class PayloadLog:
+    """A sampled, size-bounded log of successful inference request bodies (JSON lines), the
+    "current" data of drift reports. Two files at most: when `current.jsonl` passes half the
+    budget it becomes `previous.jsonl`, so the log never exceeds `max_bytes`."""
+
+    def __init__(self, directory: Path, sample_rate: float, max_bytes: int) -> None:
+        self.directory, self.sample_rate, self.max_bytes = directory, sample_rate, max_bytes
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / "current.jsonl"
+        self.handle = open(self.path, "ab")  # noqa: SIM115 - kept open for the router's lifetime
+        self.size = self.path.stat().st_size
+
+    def maybe_log(self, body: bytes) -> None:
+        if not body or random.random() >= self.sample_rate:
+            return
+        line = body.replace(b"\n", b" ") + b"\n"
+        self.handle.write(line)
+        self.size += len(line)
+        if self.size > self.max_bytes // 2:
+            self.handle.close()
+            self.path.replace(self.directory / "previous.jsonl")
+            self.handle = open(self.path, "ab")  # noqa: SIM115
+            self.size = 0
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
+
+
 class Router:
-    def __init__(self, isvc: str, routes_file: Path) -> None:
+    def __init__(self, isvc: str, routes_file: Path, payload_log: PayloadLog | None = None) -> None:
         self.isvc = isvc
+        self.payload_log = payload_log
         self.routes_file = routes_file
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -235,6 +267,15 @@ class Router:
             "Outcomes reported for users (A/B tests), by the revision the user is routed to",
             ["isvc", "revision", "outcome"],
             registry=self.registry,
+        )
+        self.drift_score = Gauge(
+            "model_drift_score",
+            "Effect size of drift per feature (latest drift report)",
+            ["isvc", "feature"],
+            registry=self.registry,
+        )
+        self.drift_share = Gauge(
+            "model_drift_share", "Share of features drifting (latest drift report)", ["isvc"], registry=self.registry
         )
         self.pool: _UpstreamPool | None = None
         self.set_routes(json.loads(routes_file.read_text()))
@@ -300,6 +341,8 @@ class Router:
             payload = json.dumps({"error": f"revision {revision} unreachable: {exc.__class__.__name__}"}).encode()
         self.latency.labels(self.isvc, revision).observe(time.perf_counter() - start)
         self.requests.labels(self.isvc, revision, str(status)).inc()
+        if status == 200 and self.payload_log is not None:
+            self.payload_log.maybe_log(body)
         headers = {"content-type": content_type or "application/json", "x-mlops-revision": revision}
         return web.Response(body=payload, status=status, headers=headers)
 
@@ -329,7 +372,30 @@ class Router:
             self.feedback.labels(self.isvc, self.revision_for_key(key), "success" if success else "failure").inc()
         return web.json_response({"recorded": len(parsed)})
 
+    async def record_drift(self, request: web.Request) -> web.Response:
+        """`{"share": 0.2, "features": {"amount": 0.31, ...}}`: the latest drift report's scores,
+        exposed as gauges so Prometheus can alert on them."""
+        try:
+            body = await request.json()
+            share, features = float(body["share"]), {str(k): float(v) for k, v in body["features"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            return web.json_response({"error": f'expected {{"share": float, "features": {{name: float}}}}: {exc}'}, status=400)
+        self.drift_score.clear()
+        for feature, score in features.items():
+            self.drift_score.labels(self.isvc, feature).set(score)
+        self.drift_share.labels(self.isvc).set(share)
+        return web.json_response({"recorded": len(features)})
+
+    async def payloads(self, request: web.Request) -> web.Response:
+        """Flush the payload log so a reader sees every sampled request so far."""
+        if self.payload_log is None:
+            return web.json_response({"error": "payload logging is off"}, status=404)
+        self.payload_log.flush()
+        return web.json_response({"path": str(self.payload_log.path)})
+
     async def metrics(self, request: web.Request) -> web.Response:
+        if self.payload_log is not None:
+            self.payload_log.flush()
         return web.Response(body=generate_latest(self.registry), headers={"content-type": CONTENT_TYPE_LATEST})
 
     async def health(self, request: web.Request) -> web.Response:
@@ -341,12 +407,16 @@ class Router:
     async def on_cleanup(self, app: web.Application) -> None:
         if self.pool:
             self.pool.close()
+        if self.payload_log is not None:
+            self.payload_log.close()
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_get("/-/healthz", self.health)
         app.router.add_post("/-/routes", self.update_routes)
         app.router.add_post("/-/feedback", self.record_feedback)
+        app.router.add_post("/-/drift", self.record_drift)
+        app.router.add_post("/-/payloads/flush", self.payloads)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_route("*", "/{tail:.*}", self.proxy)
         app.on_startup.append(self.on_startup)
@@ -362,7 +432,13 @@ def main(argv: list[str]) -> None:
         uvloop.install()
     except ImportError:
         pass
-    router = Router(config["isvc"], Path(config["routes_file"]))
+    log_config = config.get("payload_log")
+    payload_log = (
+        PayloadLog(Path(log_config["dir"]), float(log_config["sample_rate"]), int(log_config["max_bytes"]))
+        if log_config
+        else None
+    )
+    router = Router(config["isvc"], Path(config["routes_file"]), payload_log)
     web.run_app(router.app(), host="127.0.0.1", port=config["port"], access_log=None, print=None)
 
 
