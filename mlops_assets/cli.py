@@ -179,6 +179,7 @@ class TrafficGenerator:
 
         self.platform, self.isvc, self.rate = platform, isvc, rate
         self.success = success or {}
+        self.shift = 0.0  # move the users' data distribution (drift drills)
         self.rng = random.Random(seed)
         self.counts: dict[tuple[str, int], int] = {}
         self.versions: dict[str, str] = {}
@@ -213,13 +214,18 @@ class TrafficGenerator:
         from mlops_assets.models.data import FEATURES, generate_fraud_data
         from mlops_assets.serving.payloads import v1_payload
 
-        frame = generate_fraud_data(500, seed=21)[FEATURES]
-        bodies = [json.dumps(v1_payload(frame.iloc[i : i + 1])).encode() for i in range(len(frame))]
+        def make_bodies(shift: float) -> list[bytes]:
+            frame = generate_fraud_data(500, seed=21, shift=shift)[FEATURES]
+            return [json.dumps(v1_payload(frame.iloc[i : i + 1])).encode() for i in range(len(frame))]
+
+        bodies, shift = make_bodies(self.shift), self.shift
         last_refresh = 0.0
         url = feedback = ""
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
             pending: set = set()
             while not self._stop.is_set():
+                if self.shift != shift:
+                    bodies, shift = make_bodies(self.shift), self.shift
                 if time.monotonic() - last_refresh > 2:
                     status = self.platform.status(self.isvc)
                     url, feedback = status.predict_url("v1"), f"{status.url}/-/feedback"
@@ -300,6 +306,8 @@ DEMO_ROLLOUT_ENV = {
     "MLOPS_ROLLOUT_POLL_S": "1",
     "MLOPS_ROLLOUT_AB_BASE_RATE": "0.06",
     "MLOPS_ROLLOUT_AB_MIN_LIFT": "0.5",
+    # Drift reports and retraining look at the last 25 s of traffic: the demo's drift is that recent.
+    "MLOPS_RECENT_WINDOW_S": "25",
 }
 
 
@@ -332,6 +340,51 @@ def run_drills(instance, settings: Settings, platform, isvc: str, model: str) ->
     return results
 
 
+def run_drift_loop(instance, traffic: TrafficGenerator, wait_s: float) -> dict:
+    """Shift the users' data, let the drift report flag it, and follow the loop the sensors close:
+    ModelDriftDetected -> retrain_job on recent traffic -> canary of the new version -> promotion."""
+    from dagster import RunsFilter
+
+    traffic.shift = 1.0
+    _say(f"\n[demo] injecting drift: the users' data now shifts by 1 standard deviation; waiting {wait_s:.0f}s for traffic")
+    time.sleep(wait_s)
+    run_id = launch_and_wait(instance, "monitor_drift_job")
+    report = _latest_meta(instance, ["monitoring", "fraud_detector_drift"], run_id)
+    _say(
+        f"[demo] drift report: {report.get('dataset_verdict')} (share {report.get('drift_share')}); "
+        f"drifted: {report.get('drifted_features')}"
+    )
+    _say("[demo] waiting for Prometheus's ModelDriftDetected and prometheus_alert_sensor")
+    deadline, retrain = time.monotonic() + 240, None
+    while time.monotonic() < deadline and retrain is None:
+        runs = instance.get_runs(RunsFilter(job_name="retrain_job"))
+        retrain = runs[0] if runs else None
+        time.sleep(1)
+    if retrain is None:
+        raise SystemExit("prometheus_alert_sensor launched no retraining within 240s")
+    _say(f"[dagster] sensor launched retrain_job run {retrain.run_id[:8]} ({retrain.tags.get('mlops-assets/alert')})")
+    follow_run(instance, retrain.run_id, "retrain_job")
+    model = _latest_meta(instance, ["models", "fraud_detector"], retrain.run_id)
+    version = str(model.get("version"))
+    _say(f"[demo] retrained on recent traffic: v{version}; waiting for its canary")
+    run = wait_for_sensor_run(instance, version)
+    follow_run(instance, run.run_id, run.job_name, allow_failure=True)
+    outcome = _rollout_metadata(instance, run.run_id, "fraud_detector")
+    after_id = launch_and_wait(instance, "monitor_drift_job")
+    after = _latest_meta(instance, ["monitoring", "fraud_detector_drift"], after_id)
+    _say(f"[demo] drift against v{version}'s training data: {after.get('dataset_verdict')} (share {after.get('drift_share')})")
+    return {"report": report, "version": version, "outcome": outcome, "after": after}
+
+
+def _latest_meta(instance, path: list[str], run_id: str) -> dict:
+    from dagster import AssetKey
+
+    for record in instance.fetch_materializations(AssetKey(path), limit=20).records:
+        if record.run_id == run_id:
+            return {k: getattr(v, "value", v) for k, v in record.asset_materialization.metadata.items()}
+    return {}
+
+
 def _rollout_metadata(instance, run_id: str, model: str) -> dict:
     from dagster import AssetKey
 
@@ -349,7 +402,9 @@ def _md_rows(md: str) -> list[str]:
     return [line for line in md.splitlines() if line.startswith("|")]
 
 
-def summary(instance, settings: Settings, traffic: dict[str, int], drills, generator, elapsed: float, keep_running: bool) -> str:
+def summary(
+    instance, settings: Settings, traffic: dict[str, int], drills, loop, generator, elapsed: float, keep_running: bool
+) -> str:
     from dagster import AssetKey
 
     from mlops_assets.definitions import defs
@@ -390,6 +445,19 @@ def summary(instance, settings: Settings, traffic: dict[str, int], drills, gener
                 f"  | {d['drill']} | v{d['version']} | {d['job']} | {d.get('rollout_outcome')} | {d['expected']} | "
                 f"{d.get('time_to_decision_s')} | {d.get('candidate_failed_requests')} | {d.get('stable_failed_requests')} |"
             )
+    if loop is not None:
+        r, o, a = loop["report"], loop["outcome"], loop["after"]
+        lines += [
+            "",
+            "Closed loop (drift -> alert -> retrain -> canary -> promote):",
+            f"  drift report:  {r.get('dataset_verdict')}, share {r.get('drift_share')}, drifted: {r.get('drifted_features')}",
+            f"                 HTML report: {r.get('report')}",
+            f"  retrained:     v{loop['version']} on recent traffic (launched by prometheus_alert_sensor on ModelDriftDetected)",
+            f"  its canary:    {o.get('rollout_outcome')} in {o.get('time_to_decision_s')}s, failed requests on the candidate "
+            f"{o.get('candidate_failed_requests')}, on the stable revision {o.get('stable_failed_requests')}",
+            f"  drift after:   {a.get('dataset_verdict')}, share {a.get('drift_share')} "
+            f"(against v{loop['version']}'s training data)",
+        ]
     if generator is not None:
         lines += ["", f"Background users' responses by model version and status: {generator.by_version()}"]
     lines += [
@@ -428,15 +496,18 @@ def demo(args: argparse.Namespace) -> int:
         _say(f"[demo] sending {args.requests} requests to {status.url}")
         burst = send_traffic(status.predict_url("v1"), status.predict_url("v2"), args.requests)
         _say(f"[demo] responses: {burst}")
-        drills = []
+        drills, loop = [], None
         if not args.skip_rollouts:
             traffic = TrafficGenerator(platform, "fraud-detector", rate=args.rate, success=AB_SUCCESS).start()
             _say(f"[demo] background users: ~{args.rate:.0f} requests/s with sticky user keys and A/B feedback")
             drills = run_drills(instance, settings, platform, "fraud-detector", "fraud_detector")
+            loop = run_drift_loop(instance, traffic, wait_s=args.drift_wait)
             traffic.stop()
         launch_and_wait(instance, "observe_serving_job")
-        _say(summary(instance, settings, burst, drills, traffic, time.monotonic() - started, args.keep_running))
+        _say(summary(instance, settings, burst, drills, loop, traffic, time.monotonic() - started, args.keep_running))
         failed = [d for d in drills if d.get("rollout_outcome") != d["expected"]]
+        if loop is not None and loop["outcome"].get("rollout_outcome") != "promoted":
+            failed.append({"drill": "retrained version after drift", **loop["outcome"]})
         if failed:
             _say(f"[demo] UNEXPECTED rollout outcomes: {failed}")
             return 1
@@ -481,6 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     p_demo = sub.add_parser("demo", help="run the end-to-end lifecycle through a real Dagster instance and daemon")
     p_demo.add_argument("--requests", type=int, default=400, help="inference requests to send (default 400)")
     p_demo.add_argument("--rate", type=float, default=50.0, help="background requests/s during rollouts (default 50)")
+    p_demo.add_argument("--drift-wait", type=float, default=25.0, help="seconds of shifted traffic before the drift report")
     p_demo.add_argument("--skip-rollouts", action="store_true", help="stop after the first deployment")
     p_demo.add_argument(
         "--keep-running", action="store_true", help="leave the platform up for the UIs; stop with `mlops-assets stop`"

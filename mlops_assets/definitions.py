@@ -6,6 +6,7 @@ import dagster as dg
 
 from mlops_assets.models import assets as models
 from mlops_assets.models import sensors as model_sensors
+from mlops_assets.monitoring import assets as monitoring
 from mlops_assets.monitoring import sensors as monitoring_sensors
 from mlops_assets.platform import assets as platform
 from mlops_assets.resources import build_resources
@@ -13,12 +14,12 @@ from mlops_assets.serving import assets as serving
 from mlops_assets.settings import load_settings
 
 #: Unbound definitions, for tests that supply their own resources.
-ALL_ASSETS = [*platform.defs.assets, *models.defs.assets, *serving.defs.assets]
-ALL_CHECKS = [*serving.defs.asset_checks]
+ALL_ASSETS = [*platform.defs.assets, *models.defs.assets, *serving.defs.assets, *monitoring.defs.assets]
+ALL_CHECKS = [*serving.defs.asset_checks, *monitoring.defs.asset_checks]
 
 lifecycle_job = dg.define_asset_job(
     "lifecycle_job",
-    selection=dg.AssetSelection.all(),
+    selection=dg.AssetSelection.all() - dg.AssetSelection.groups("monitoring"),
     description="Bring the platform up, train and register a model version, serve its champion.",
 )
 observe_serving_job = dg.define_asset_job(
@@ -33,6 +34,7 @@ def build_definitions() -> dg.Definitions:
         platform.defs,
         models.defs,
         serving.defs,
+        monitoring.defs,
         model_sensors.defs,
         monitoring_sensors.defs,
         dg.Definitions(jobs=[lifecycle_job, observe_serving_job], resources=build_resources(load_settings())),

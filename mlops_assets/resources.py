@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mlops_assets.models.registry import MlflowRegistry
 from mlops_assets.monitoring.alerts import PrometheusAlerts
+from mlops_assets.monitoring.assets import DriftPolicy
 from mlops_assets.platform.resources import LocalPlatformServices
 from mlops_assets.rollout.resources import RolloutPolicy
 from mlops_assets.serving.metrics import PrometheusMetrics, ScrapeMetrics
@@ -25,9 +26,10 @@ def build_resources(settings: Settings) -> dict:
         raise SettingsError("MLOPS_ENV=kubernetes: the Kubernetes platform is not part of this build yet")
     return {
         "mlflow": registry,
-        "serving": LocalPlatform(home=str(settings.home)),
+        "serving": LocalPlatform(home=str(settings.home), recent_window_s=settings.recent_window_s),
         "metrics": metrics,
         "prometheus_alerts": PrometheusAlerts(url=settings.prometheus_url or f"http://127.0.0.1:{settings.prometheus_port}"),
+        "drift_policy": DriftPolicy(home=str(settings.home)),
         "rollout_policy": RolloutPolicy(**(settings.rollout or {})),
         "platform_services": LocalPlatformServices(
             home=str(settings.home),

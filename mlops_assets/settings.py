@@ -25,6 +25,7 @@ VARIABLES: dict[str, str] = {
     "MLOPS_PROMETHEUS_PORT": "9095",
     "MLOPS_PROMETHEUS_URL": "(local: the embedded Prometheus, if installed)",
     "MLOPS_NAMESPACE": "mlops",
+    "MLOPS_RECENT_WINDOW_S": "3600",
     "MLOPS_ROLLOUT_STEPS": "5,25,50",
     "MLOPS_ROLLOUT_MIN_REQUESTS": "100",
     "MLOPS_ROLLOUT_MAX_ERROR_RATE": "0.01",
@@ -48,6 +49,7 @@ class Settings:
     prometheus_port: int
     prometheus_url: str | None
     namespace: str
+    recent_window_s: float = 3600.0
     rollout: dict = None  # RolloutPolicy overrides from MLOPS_ROLLOUT_*
 
     @property
@@ -72,6 +74,17 @@ def _port(environ: Mapping[str, str], name: str) -> int:
     if not 1 <= port <= 65535:
         raise SettingsError(f"{name}={port} is outside 1-65535")
     return port
+
+
+def _positive(environ: Mapping[str, str], name: str) -> float:
+    raw = environ.get(name, VARIABLES[name])
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number") from None
+    if value <= 0:
+        raise SettingsError(f"{name}={value} must be positive")
+    return value
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -108,4 +121,5 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         prometheus_url=environ.get("MLOPS_PROMETHEUS_URL") or None,
         namespace=environ.get("MLOPS_NAMESPACE", VARIABLES["MLOPS_NAMESPACE"]),
         rollout=rollout,
+        recent_window_s=_positive(environ, "MLOPS_RECENT_WINDOW_S"),
     )

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(shutil.which("promtool") is None, reason="promto
 def test_promtool_accepts_the_rules():
     out = subprocess.run(["promtool", "check", "rules", str(RULES_FILE)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "SUCCESS: 6 rules found" in out.stdout
+    assert "SUCCESS: 7 rules found" in out.stdout
 
 
 def test_promtool_unit_tests_pass():

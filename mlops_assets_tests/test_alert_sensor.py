@@ -1,5 +1,5 @@
 """`prometheus_alert_sensor` end to end against a real Prometheus evaluating the shipped rules over
-real router metrics: a failing stable revision fires ModelHighErrorRate and the sensor asks for a
+real router metrics: a failing stable revision fires InferenceHighErrorRate and the sensor asks for a
 rollback, which a real Dagster materialization carries out; a drift score pushed to the router
 fires ModelDriftDetected and the sensor asks for retraining; Prometheus down means a skip."""
 
@@ -70,7 +70,7 @@ def test_alerts_on_a_failing_stable_revision_and_on_drift_launch_rollback_and_re
     urllib.request.urlopen(request, timeout=5).read()
     traffic = TrafficGenerator(platform, "fraud-detector", rate=30).start()
     try:
-        deadline, result = time.monotonic() + 120, None
+        deadline, result = time.monotonic() + 200, None
         while time.monotonic() < deadline:
             result = _tick(alerts, platform)
             if isinstance(result, list) and {r.job_name for r in result} == {"rollback_job", "retrain_job"}:
@@ -82,7 +82,7 @@ def test_alerts_on_a_failing_stable_revision_and_on_drift_launch_rollback_and_re
     by_job = {r.job_name: r for r in result}
     rollback = by_job["rollback_job"]
     assert rollback.run_key == f"rollback:fraud-detector:{status.latest_rolledout}"
-    assert "ModelHighErrorRate" in rollback.run_config["ops"]["serving__fraud_detector"]["config"]["triggered_by"]
+    assert "InferenceHighErrorRate" in rollback.run_config["ops"]["serving__fraud_detector"]["config"]["triggered_by"]
     retrain = by_job["retrain_job"]
     assert retrain.run_key.startswith("retrain:fraud-detector:")
     assert retrain.run_config["ops"]["models__fraud_detector"]["config"]["recent_data"] is True

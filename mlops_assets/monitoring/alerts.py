@@ -9,7 +9,7 @@ import urllib.request
 import dagster as dg
 
 #: Alert names from the shipped rules file (k8s/base/monitoring/rules/mlops-alerts.yaml).
-ROLLBACK_ALERTS = {"ModelHighErrorRate", "ModelHighLatencyP95"}
+ROLLBACK_ALERTS = {"InferenceHighErrorRate", "InferenceHighLatencyP95"}
 RETRAIN_ALERTS = {"ModelDriftDetected"}
 
 

@@ -45,8 +45,8 @@ def rows_from_payload(body: dict, columns: list[str]) -> list[dict]:
     return []
 
 
-def read_payload_log(directory, columns: list[str], max_rows: int = 200_000) -> pd.DataFrame:
-    """The most recent logged request rows (newest file last), at most `max_rows`."""
+def read_payload_log(directory, columns: list[str], max_rows: int = 200_000, since: float | None = None) -> pd.DataFrame:
+    """The most recent logged request rows (newest last): at most `max_rows`, none older than `since`."""
     import json
     from pathlib import Path
 
@@ -58,10 +58,13 @@ def read_payload_log(directory, columns: list[str], max_rows: int = 200_000) -> 
         with open(path, "rb") as handle:
             for line in handle:
                 try:
-                    body = json.loads(line)
+                    entry = json.loads(line)
                 except ValueError:
                     continue  # a torn last line while the router writes
-                if isinstance(body, dict):
-                    rows.extend(rows_from_payload(body, columns))
+                if not isinstance(entry, dict) or not isinstance(entry.get("body"), dict):
+                    continue
+                if since is not None and float(entry.get("ts", 0)) < since:
+                    continue
+                rows.extend(rows_from_payload(entry["body"], columns))
     rows = rows[-max_rows:]
     return pd.DataFrame(rows, columns=columns) if rows else pd.DataFrame(columns=columns)

@@ -121,6 +121,10 @@ class ServingPlatform(dg.ConfigurableResource, ABC):
         """Recent inference request rows the serving path logged (the drift reports' current data)."""
         raise NotImplementedError(f"{type(self).__name__} does not log payloads")
 
+    def publish_drift(self, name: str, share: float, scores: dict[str, float]) -> None:
+        """Expose the latest drift report as Prometheus gauges (model_drift_share, model_drift_score)."""
+        raise NotImplementedError(f"{type(self).__name__} does not publish drift gauges")
+
     @abstractmethod
     def rollback(self, name: str) -> ServiceStatus:
         """During a canary, send all traffic back to the rolled-out revision; after a promotion,
@@ -138,6 +142,7 @@ class LocalPlatform(ServingPlatform):
     ready_timeout_s: float = 120.0
     payload_sample_rate: float = 0.25
     payload_max_bytes: int = 32 * 1024 * 1024
+    recent_window_s: float = 3600.0
 
     def recent_payloads(self, name: str, columns: list[str], max_rows: int = 200_000):
         from mlops_assets.serving.payloads import read_payload_log
@@ -149,7 +154,13 @@ class LocalPlatform(ServingPlatform):
                 urllib.request.urlopen(
                     urllib.request.Request(f"{status.url}/-/payloads/flush", data=b"", method="POST"), timeout=5
                 )
-        return read_payload_log(self.payload_dir(name), columns, max_rows)
+        return read_payload_log(self.payload_dir(name), columns, max_rows, since=time.time() - self.recent_window_s)
+
+    def publish_drift(self, name: str, share: float, scores: dict[str, float]) -> None:
+        status = self.status(name)
+        code, body = http_json(f"{status.url}/-/drift", {"share": share, "features": scores})
+        if code != 200:
+            raise RuntimeError(f"router of {name} refused the drift gauges: {code} {body}")
 
     def payload_dir(self, name: str) -> Path:
         """Where the router logs sampled inference payloads (the drift reports' current data)."""

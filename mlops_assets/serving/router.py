@@ -227,7 +227,8 @@ class PayloadLog:
     def maybe_log(self, body: bytes) -> None:
         if not body or random.random() >= self.sample_rate:
             return
-        line = body.replace(b"\n", b" ") + b"\n"
+        # Wrapped with its arrival time so readers can take a time window; the body stays raw bytes.
+        line = b'{"ts":%.3f,"body":' % time.time() + body.replace(b"\n", b" ") + b"}\n"
         self.handle.write(line)
         self.size += len(line)
         if self.size > self.max_bytes // 2:
