@@ -5,7 +5,7 @@ from __future__ import annotations
 from mlops_assets.models.registry import MlflowRegistry
 from mlops_assets.monitoring.alerts import PrometheusAlerts
 from mlops_assets.monitoring.assets import DriftPolicy
-from mlops_assets.platform.resources import LocalPlatformServices
+from mlops_assets.platform.resources import ClusterPlatformServices, LocalPlatformServices
 from mlops_assets.rollout.resources import RolloutPolicy
 from mlops_assets.serving.metrics import PrometheusMetrics, ScrapeMetrics
 from mlops_assets.serving.platform import LocalPlatform
@@ -23,7 +23,19 @@ def build_resources(settings: Settings) -> dict:
     else:
         metrics = ScrapeMetrics()
     if settings.env == KUBERNETES:
-        raise SettingsError("MLOPS_ENV=kubernetes: the Kubernetes platform is not part of this build yet")
+        from mlops_assets.serving.kubernetes import KubernetesPlatform
+
+        if not settings.prometheus_url:
+            raise SettingsError("MLOPS_ENV=kubernetes needs MLOPS_PROMETHEUS_URL (the cluster's Prometheus)")
+        return {
+            "mlflow": registry,
+            "serving": KubernetesPlatform(namespace=settings.namespace, in_cluster=True),
+            "metrics": metrics,
+            "prometheus_alerts": PrometheusAlerts(url=settings.prometheus_url),
+            "rollout_policy": RolloutPolicy(**(settings.rollout or {})),
+            "drift_policy": DriftPolicy(home=str(settings.home)),
+            "platform_services": ClusterPlatformServices(),
+        }
     return {
         "mlflow": registry,
         "serving": LocalPlatform(home=str(settings.home), recent_window_s=settings.recent_window_s),

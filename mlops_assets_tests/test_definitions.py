@@ -53,16 +53,19 @@ def test_asset_graph_has_platform_model_serving_lineage():
         "platform/kserve",
         "models/fraud_detector",
         "serving/fraud_detector",
+        "models/fraud_detector_champion",
+        "monitoring/fraud_detector_drift",
     } <= keys
     model = graph.get(dg.AssetKey(["models", "fraud_detector"]))
     assert {k.to_user_string() for k in model.parent_keys} == {"platform/mlflow_backend_store", "platform/artifact_store"}
     serving = graph.get(dg.AssetKey(["serving", "fraud_detector"]))
     assert {k.to_user_string() for k in serving.parent_keys} == {"models/fraud_detector", "platform/kserve"}
-    checks = (
-        {c.name for c in _defs().resolve_all_asset_check_specs()} if hasattr(_defs(), "resolve_all_asset_check_specs") else None
-    )
-    if checks is not None:
-        assert "predictor_answers" in checks
+    champion = graph.get(dg.AssetKey(["models", "fraud_detector_champion"]))
+    assert {k.to_user_string() for k in champion.parent_keys} == {"serving/fraud_detector"}
+    drift = graph.get(dg.AssetKey(["monitoring", "fraud_detector_drift"]))
+    assert {k.to_user_string() for k in drift.parent_keys} == {"serving/fraud_detector"}
+    checks = {k.name for k in graph.asset_check_keys}
+    assert {"predictor_answers", "error_rate", "p95_latency", "drift_share"} <= checks
 
 
 def test_every_asset_has_a_description_for_the_ui():
@@ -81,3 +84,21 @@ def test_loading_imports_no_heavy_libraries(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_kubernetes_mode_loads_without_touching_a_cluster(tmp_path):
+    """MLOPS_ENV=kubernetes picks KubernetesPlatform and PrometheusMetrics; loading contacts nothing."""
+    code = (
+        "import sys, json; from mlops_assets.definitions import defs; "
+        "r = defs.resources; print(json.dumps([type(r['serving']).__name__, type(r['metrics']).__name__, "
+        "'kubernetes' in sys.modules]))"
+    )
+    env = {**os.environ, "MLOPS_HOME": str(tmp_path), "MLOPS_ENV": "kubernetes", "MLOPS_PROMETHEUS_URL": "http://prometheus:9090"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == ["KubernetesPlatform", "PrometheusMetrics", False]
+    env.pop("MLOPS_PROMETHEUS_URL")
+    out = subprocess.run(
+        [sys.executable, "-c", "import mlops_assets.definitions"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode != 0 and "MLOPS_PROMETHEUS_URL" in out.stderr
