@@ -106,6 +106,19 @@ def test_alerts_on_a_failing_stable_revision_and_on_drift_launch_rollback_and_re
     again = _tick(alerts, platform)
     assert all(r.job_name != "rollback_job" for r in (again if isinstance(again, list) else []))
 
+    # And the retraining: on the recent traffic the router logged, not on generated data.
+    with dg.instance_for_test() as instance:
+        run = dg.materialize(
+            [*ALL_ASSETS, *ALL_CHECKS],
+            selection=dg.AssetSelection.assets(["models", "fraud_detector"]),
+            resources=resources,
+            instance=instance,
+            run_config=retrain.run_config,
+        )
+        (model,) = run.get_asset_materialization_events()
+    assert model.materialization.metadata["training_data"].value.startswith("recent traffic (")
+    assert model.materialization.metadata["version"].value == "3"
+
     processes.stop(record)
     down = _tick(alerts, platform)
     assert isinstance(down, dg.SkipReason) and "unreachable" in down.skip_message

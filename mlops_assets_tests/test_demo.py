@@ -1,7 +1,9 @@
 """The main job end to end, as a user runs it: `mlops-assets demo` starts the Dagster daemon on a
 real instance, submits runs with `dagster job launch`, sends real traffic, registers new versions in
 MLflow for `mlflow_registry_sensor` to roll out (a good one by canary, a faulty one that must be
-rolled back, blue-green, A/B), prints the summary, and leaves no process behind."""
+rolled back, blue-green, A/B), then injects drift and follows the closed loop (drift report,
+Prometheus alert, retraining on recent traffic, canary, promotion), prints the summary, and leaves
+no process behind."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ def test_demo_runs_the_lifecycle_through_the_daemon_and_cleans_up(tmp_path, monk
         "MLOPS_PROMETHEUS_PORT": str(free_port()),
     }
     cli = str(Path(sys.executable).with_name("mlops-assets"))
-    out = subprocess.run([cli, "demo", "--requests", "120"], env=env, capture_output=True, text=True, timeout=420, cwd=tmp_path)
+    out = subprocess.run([cli, "demo", "--requests", "120"], env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-5000:]
     assert "mlops-assets: lifecycle complete" in out.stdout
@@ -34,6 +36,8 @@ def test_demo_runs_the_lifecycle_through_the_daemon_and_cleans_up(tmp_path, monk
     assert "| faulty v3 (fails 2% of requests), canary | v3 | canary_rollout_job | rolled_back | rolled_back |" in out.stdout
     assert "| v4, blue-green | v4 | blue_green_job | promoted | promoted |" in out.stdout
     assert "| v5 (converts better), A/B test | v5 | ab_test_job | promoted | promoted |" in out.stdout
+    assert "Closed loop (drift -> alert -> retrain -> canary -> promote):" in out.stdout
+    assert "its canary:    promoted" in out.stdout
     assert "All processes started by the demo were stopped." in out.stdout
 
     # The runs really went through the instance under DAGSTER_HOME and were launched by the daemon.
@@ -50,16 +54,20 @@ def test_demo_runs_the_lifecycle_through_the_daemon_and_cleans_up(tmp_path, monk
         key = dg.AssetKey(["serving", "fraud_detector"])
         events = [r.asset_materialization.metadata for r in instance.fetch_materializations(key, limit=200).records]
         outcomes = {(m["candidate_version"].value, m["rollout_outcome"].value) for m in events if "rollout_outcome" in m}
-        assert outcomes == {("2", "promoted"), ("3", "rolled_back"), ("4", "promoted"), ("5", "promoted")}
+        assert outcomes == {("2", "promoted"), ("3", "rolled_back"), ("4", "promoted"), ("5", "promoted"), ("6", "promoted")}
         # Zero failed requests on the primary revision during every rollout, the faulty one included.
         assert all(m["stable_failed_requests"].value == 0 for m in events if "rollout_outcome" in m)
         # Every traffic change of the faulty canary is on record with its evidence.
         v3 = [m for m in events if m.get("candidate_version") and m["candidate_version"].value == "3" and "rollout_event" in m]
         assert {m["rollout_event"].value for m in v3} >= {"canary_start", "rollback"}
         assert all("evidence" in m for m in v3 if m["rollout_event"].value == "rollback")
-        # The champion alias followed the rollouts: v5 won its A/B test.
+        # The champion alias followed the rollouts: v5 won its A/B test, then v6 was retrained and promoted.
         champion = instance.get_latest_materialization_event(dg.AssetKey(["models", "fraud_detector_champion"]))
-        assert champion.asset_materialization.metadata["champion_version"].value == "5"
+        assert champion.asset_materialization.metadata["champion_version"].value == "6"
+        # Drift was flagged on the shifted traffic, and not against the retrained model.
+        drift_key = dg.AssetKey(["monitoring", "fraud_detector_drift"])
+        reports = [r.asset_materialization.metadata for r in instance.fetch_materializations(drift_key, limit=10).records]
+        assert [m["dataset_verdict"].value for m in reports] == ["no_drift", "drift"]  # newest first
         # The faulty canary's checks failed; the first version's error-rate check had no data yet.
         checks = instance.event_log_storage.get_asset_check_execution_history(dg.AssetCheckKey(key, "error_rate"), limit=50)
         assert any(c.status.value == "FAILED" for c in checks)

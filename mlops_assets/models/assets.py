@@ -38,19 +38,29 @@ def build_model_asset(model_name: str) -> dg.AssetsDefinition:
     def _model(
         context: dg.AssetExecutionContext, config: TrainingConfig, mlflow: MlflowRegistry, serving: ServingPlatform
     ) -> dg.MaterializeResult:
-        """A registered model in MLflow. Materializing trains on freshly generated data, logs the
-        model with its signature, input example and training-data snapshot, and registers a new
-        version: the first becomes `champion`, later ones `challenger` (a rollout promotes them)."""
+        """A registered model in MLflow. Materializing trains on freshly generated data (or, with
+        `recent_data`, on the recent traffic the serving path logged), logs the model with its
+        signature, input example and training-data snapshot, and registers a new version: the first
+        becomes `champion`, later ones `challenger` (a rollout promotes them)."""
         from mlops_assets.models.training import train_and_register
 
-        context.log.info(f"training {model_name}: {config.n_rows} rows, seed {config.seed}, shift {config.shift}")
+        recent = None
+        if config.recent_data:
+            from mlops_assets.models.data import FEATURES
+            from mlops_assets.serving.manifest import isvc_name_for
+
+            recent = serving.recent_payloads(isvc_name_for(model_name), FEATURES)
+            context.log.info(f"retraining {model_name} on {len(recent)} recent rows ({config.triggered_by or 'manual'})")
+        else:
+            context.log.info(f"training {model_name}: {config.n_rows} rows, seed {config.seed}, shift {config.shift}")
         version = train_and_register(
             mlflow,
             model_name,
             n_rows=config.n_rows,
             seed=config.seed,
             shift=config.shift,
-            triggered_by=f"dagster run {context.run_id}",
+            recent=recent,
+            triggered_by=config.triggered_by or f"dagster run {context.run_id}",
         )
         try:
             champion = mlflow.version_by_alias(model_name, CHAMPION).version
@@ -69,6 +79,8 @@ def build_model_asset(model_name: str) -> dg.AssetsDefinition:
             "model_uri": version.model_uri,
             "run_id": version.run_id,
             "auc": version.metrics.get("auc"),
+            "training_data": version.tags.get("training_data", "generated"),
+            "n_train": version.metrics.get("n_train"),
             "fraud_rate": version.metrics.get("fraud_rate"),
             "versions": dg.MetadataValue.md(_versions_table(versions)),
             "n_versions": len(versions),
