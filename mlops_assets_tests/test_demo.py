@@ -50,7 +50,11 @@ def test_demo_runs_the_lifecycle_through_the_daemon_and_cleans_up(tmp_path, monk
             "canary_rollout_job",
             "blue_green_job",
             "ab_test_job",
+            "monitor_drift_job",
+            "retrain_job",
         }
+        retrain = [r for r in runs if r.job_name == "retrain_job"]
+        assert len(retrain) == 1 and retrain[0].tags["mlops-assets/alert"] == "ModelDriftDetected"
         key = dg.AssetKey(["serving", "fraud_detector"])
         events = [r.asset_materialization.metadata for r in instance.fetch_materializations(key, limit=200).records]
         outcomes = {(m["candidate_version"].value, m["rollout_outcome"].value) for m in events if "rollout_outcome" in m}
