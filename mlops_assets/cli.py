@@ -501,7 +501,12 @@ def demo(args: argparse.Namespace) -> int:
             traffic = TrafficGenerator(platform, "fraud-detector", rate=args.rate, success=AB_SUCCESS).start()
             _say(f"[demo] background users: ~{args.rate:.0f} requests/s with sticky user keys and A/B feedback")
             drills = run_drills(instance, settings, platform, "fraud-detector", "fraud_detector")
-            loop = run_drift_loop(instance, traffic, wait_s=args.drift_wait)
+            from mlops_assets.platform import services as platform_services
+
+            if platform_services.prometheus_binary() is None:
+                _say("[demo] prometheus is not installed (Debian package `prometheus`): skipping the alert-driven drift loop")
+            else:
+                loop = run_drift_loop(instance, traffic, wait_s=args.drift_wait)
             traffic.stop()
         launch_and_wait(instance, "observe_serving_job")
         _say(summary(instance, settings, burst, drills, loop, traffic, time.monotonic() - started, args.keep_running))
