@@ -394,3 +394,11 @@ def test_html_report_is_self_contained_with_one_histogram_per_feature(tmp_path, 
     assert "://" not in text and "<script" not in text.lower() and "<link" not in text.lower()
     png = drift_plot_png(report, tmp_path / "drift.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reuse_freed_arrays_applies_once_on_glibc():
+    """The allocator tuning is on for the process (glibc here) and idempotent."""
+    from mlops_assets.monitoring.drift import reuse_freed_arrays
+
+    assert reuse_freed_arrays() is True
+    assert reuse_freed_arrays() is True

@@ -64,10 +64,21 @@ Every quantity then only needs the *current* batch sorted and looked up in the r
 Features are processed one at a time with float64 arrays taken from the column without pandas copies,
 so peak memory is the profile (2 x 8 bytes per reference value) plus a few arrays of one current
 column. Categorical features keep only category counts.
+
+Allocator. Each numeric feature makes a few dozen temporaries the size of the batch. glibc hands every
+freed block above its mmap threshold (128 KiB to start) back to the kernel, so the next temporary is
+fresh memory that page-faults in page by page: in the 2-core VM this ran on, that was a third of the
+time of a report. `reuse_freed_arrays()`, called once per process by `ReferenceProfile.from_frame` and
+`detect_drift`, raises glibc's mmap threshold to 64 MiB and its trim threshold to 256 MiB, so freed
+temporaries are reused from the heap; the cost is that up to 256 MiB of freed heap may stay mapped in
+the (short-lived) run process. A no-op where libc is not glibc.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import json
 import math
 import os
@@ -238,6 +249,8 @@ class ReferenceProfile:
         absent = [f for f in features if f not in reference.columns]
         if absent:
             raise ValueError(f"features not in the reference frame: {absent}")
+
+        reuse_freed_arrays()
 
         def profile_numeric(name: str) -> NumericProfile:
             column = reference[name]
@@ -468,6 +481,7 @@ def detect_drift(profile: ReferenceProfile, current: pd.DataFrame, config: Drift
     if not isinstance(current, pd.DataFrame):
         raise TypeError(f"current must be a pandas DataFrame, got {type(current).__name__}")
     _check_unique_columns(current, "current")
+    reuse_freed_arrays()
 
     def one(name: str) -> FeatureDrift:
         if name not in current.columns:
@@ -519,6 +533,19 @@ def detect_drift(profile: ReferenceProfile, current: pd.DataFrame, config: Drift
         config=config,
         issues=issues,
     )
+
+
+@functools.cache
+def reuse_freed_arrays() -> bool:
+    """Keep freed batch-sized arrays in glibc's heap for reuse (see the module docstring); True if applied."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(mallopt(m_mmap_threshold, 64 << 20)) and bool(mallopt(m_trim_threshold, 256 << 20))
 
 
 def _workers() -> int:
