@@ -15,7 +15,7 @@ from mlops_assets.settings import load_settings
 
 #: Unbound definitions, for tests that supply their own resources.
 ALL_ASSETS = [*platform.defs.assets, *models.defs.assets, *serving.defs.assets, *monitoring.defs.assets]
-ALL_CHECKS = [*serving.defs.asset_checks, *monitoring.defs.asset_checks]
+ALL_CHECKS = [*platform.defs.asset_checks, *serving.defs.asset_checks, *monitoring.defs.asset_checks]
 
 lifecycle_job = dg.define_asset_job(
     "lifecycle_job",

@@ -19,7 +19,7 @@ def build_resources(settings: Settings) -> dict:
         ui_url=settings.mlflow_ui_url,
     )
     if settings.prometheus_url:
-        metrics = PrometheusMetrics(url=settings.prometheus_url)
+        metrics = PrometheusMetrics(url=settings.prometheus_url, source=settings.metrics_source, namespace=settings.namespace)
     else:
         metrics = ScrapeMetrics()
     if settings.env == KUBERNETES:

@@ -15,6 +15,8 @@ from pathlib import Path
 LOCAL = "local"
 KUBERNETES = "kubernetes"
 ENVIRONMENTS = (LOCAL, KUBERNETES)
+#: Where `PrometheusMetrics` finds request counts: the local router, Knative's queue-proxy or Istio.
+METRICS_SOURCES = ("router", "knative", "istio")
 
 #: Every variable the project reads, with its default (the README's configuration table).
 VARIABLES: dict[str, str] = {
@@ -24,6 +26,7 @@ VARIABLES: dict[str, str] = {
     "MLOPS_MLFLOW_UI_PORT": "5055",
     "MLOPS_PROMETHEUS_PORT": "9095",
     "MLOPS_PROMETHEUS_URL": "(local: the embedded Prometheus, if installed)",
+    "MLOPS_METRICS_SOURCE": "router (kubernetes: knative)",
     "MLOPS_NAMESPACE": "mlops",
     "MLOPS_RECENT_WINDOW_S": "3600",
     "MLOPS_ROLLOUT_STEPS": "5,25,50",
@@ -51,6 +54,7 @@ class Settings:
     namespace: str
     recent_window_s: float = 3600.0
     rollout: dict = None  # RolloutPolicy overrides from MLOPS_ROLLOUT_*
+    metrics_source: str = "router"  # one of METRICS_SOURCES
 
     @property
     def mlflow_artifact_root(self) -> Path:
@@ -96,6 +100,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     home = Path(environ.get("MLOPS_HOME", VARIABLES["MLOPS_HOME"])).expanduser().resolve()
     tracking = environ.get("MLOPS_MLFLOW_TRACKING_URI") or f"sqlite:///{home}/mlflow/mlflow.db"
     prometheus_port = _port(environ, "MLOPS_PROMETHEUS_PORT")
+    metrics_source = (environ.get("MLOPS_METRICS_SOURCE") or ("knative" if env == KUBERNETES else "router")).strip().lower()
+    if metrics_source not in METRICS_SOURCES:
+        raise SettingsError(f"MLOPS_METRICS_SOURCE={metrics_source!r}: expected one of {', '.join(METRICS_SOURCES)}")
     rollout = {}
     try:
         if "MLOPS_ROLLOUT_STEPS" in environ:
@@ -122,4 +129,5 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         namespace=environ.get("MLOPS_NAMESPACE", VARIABLES["MLOPS_NAMESPACE"]),
         rollout=rollout,
         recent_window_s=_positive(environ, "MLOPS_RECENT_WINDOW_S"),
+        metrics_source=metrics_source,
     )

@@ -2,9 +2,10 @@
 
 No Kubernetes API server, Helm, Istio, KServe or cluster Prometheus runs here. What stands in:
 
-- Rendering: a small kustomize renderer below (resources, labels, configMapGenerator, patches as
-  strategic merge) renders `k8s/base` and every overlay. It refuses any kustomization feature it
-  does not implement; where `kubectl` is on PATH, `kubectl kustomize` must produce the same objects.
+- Rendering: the project's small kustomize (`mlops_assets/platform/kustomize.py`: resources,
+  labels, configMapGenerator, patches as strategic merge) renders `k8s/base` and every overlay.
+  It refuses any kustomization feature it does not implement; where `kubectl` is on PATH,
+  `kubectl kustomize` must produce the same objects.
 - Schemas: `kubernetes-validate` checks every built-in kind against Kubernetes 1.30's OpenAPI
   schemas; KServe's CRD (`../shared/schemas/kserve/`, skipped with a reason where absent) checks
   InferenceServices. Istio and KServe-config objects are checked structurally: names, namespaces
@@ -35,6 +36,7 @@ import jsonschema
 import pytest
 import yaml
 
+from mlops_assets.platform.kustomize import CLUSTER_SCOPED_KINDS, KustomizeError, load_yaml_docs, render, resource_id
 from mlops_assets_tests.conftest import SHARED_SCHEMA
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,143 +67,6 @@ DAGSTER_RELEASE = {"name": "dagster", "namespace": "mlops", "fullname": "dagster
 _DNS_1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS_1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-
-
-def load_yaml_docs(path: Path) -> list[dict]:
-    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
-
-
-# --------------------------------------------------------------------------------------------
-# A small kustomize: exactly the features k8s/ uses, and an error for anything else.
-# --------------------------------------------------------------------------------------------
-
-SUPPORTED_KUSTOMIZATION_KEYS = {
-    "apiVersion",
-    "kind",
-    "resources",
-    "labels",
-    "namespace",
-    "generatorOptions",
-    "configMapGenerator",
-    "patches",
-}
-CLUSTER_SCOPED_KINDS = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "PersistentVolume"}
-# Strategic-merge keys of the built-in list fields our patches may touch; other lists are replaced.
-MERGE_KEYS = {"containers": "name", "initContainers": "name", "env": "name", "volumes": "name", "volumeMounts": "mountPath"}
-
-
-class KustomizeError(ValueError):
-    """The kustomization uses something this renderer does not implement, or is inconsistent."""
-
-
-def resource_id(doc: dict) -> tuple[str, str, str, str]:
-    meta = doc.get("metadata") or {}
-    return (doc.get("apiVersion", ""), doc.get("kind", ""), meta.get("namespace", ""), meta.get("name", ""))
-
-
-def _is_builtin(api_version: str) -> bool:
-    group = api_version.split("/")[0] if "/" in api_version else ""
-    return "." not in group or group.endswith(".k8s.io")
-
-
-def strategic_merge(base, patch, builtin: bool):
-    """Strategic merge for built-in kinds (lists keyed by MERGE_KEYS), JSON merge patch otherwise."""
-    if isinstance(base, dict) and isinstance(patch, dict):
-        out = dict(base)
-        for key, value in patch.items():
-            if isinstance(key, str) and key.startswith("$"):
-                raise KustomizeError(f"patch directive {key} is not supported by this renderer")
-            if value is None:
-                out.pop(key, None)
-            elif key in out and builtin and key in MERGE_KEYS and isinstance(value, list):
-                out[key] = _merge_list(out[key], value, MERGE_KEYS[key])
-            elif key in out:
-                out[key] = strategic_merge(out[key], value, builtin)
-            else:
-                out[key] = copy.deepcopy(value)
-        return out
-    return copy.deepcopy(patch)
-
-
-def _merge_list(base: list, patch: list, key: str) -> list:
-    out = [copy.deepcopy(item) for item in base]
-    for item in patch:
-        for i, existing in enumerate(out):
-            if existing.get(key) == item.get(key):
-                out[i] = strategic_merge(existing, item, True)
-                break
-        else:
-            out.append(copy.deepcopy(item))
-    return out
-
-
-def render(directory: Path) -> list[dict]:
-    """Render one kustomization directory into its list of objects."""
-    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    unsupported = set(kustomization) - SUPPORTED_KUSTOMIZATION_KEYS
-    if unsupported:
-        raise KustomizeError(f"{directory}: unsupported kustomization fields {sorted(unsupported)}")
-    docs: list[dict] = []
-    for entry in kustomization.get("resources", []):
-        path = (directory / entry).resolve()
-        if path.is_dir():
-            docs.extend(render(path))
-        elif path.is_file():
-            docs.extend(load_yaml_docs(path))
-        else:
-            raise KustomizeError(f"{directory}: resource {entry} does not exist")
-
-    options = kustomization.get("generatorOptions") or {}
-    if set(options) - {"disableNameSuffixHash"}:
-        raise KustomizeError(f"{directory}: unsupported generatorOptions {sorted(options)}")
-    for generator in kustomization.get("configMapGenerator", []):
-        if not options.get("disableNameSuffixHash"):
-            raise KustomizeError(f"{directory}: name-suffix hashes are not implemented; disable them")
-        if set(generator) - {"name", "namespace", "files", "literals"}:
-            raise KustomizeError(f"{directory}: unsupported configMapGenerator fields {sorted(generator)}")
-        data: dict[str, str] = {}
-        for item in generator.get("files", []):
-            key, _, source = item.partition("=") if "=" in item else (Path(item).name, "", item)
-            source_path = (directory / source).resolve()
-            if directory.resolve() not in source_path.parents:
-                raise KustomizeError(f"{directory}: {item} is outside the kustomization root")
-            data[key] = source_path.read_text()
-        for literal in generator.get("literals", []):
-            key, _, value = literal.partition("=")
-            data[key] = value
-        metadata = {"name": generator["name"]}
-        if generator.get("namespace"):
-            metadata["namespace"] = generator["namespace"]
-        docs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data})
-
-    for patch_entry in kustomization.get("patches", []):
-        if set(patch_entry) != {"path"}:
-            raise KustomizeError(f"{directory}: only `patches: - path:` (strategic merge) is supported")
-        patch = yaml.safe_load((directory / patch_entry["path"]).read_text())
-        target = resource_id(patch)
-        matches = [i for i, doc in enumerate(docs) if resource_id(doc) == target]
-        if len(matches) != 1:
-            raise KustomizeError(f"{directory}: patch {patch_entry['path']} matches {len(matches)} objects ({target})")
-        docs[matches[0]] = strategic_merge(docs[matches[0]], patch, _is_builtin(patch["apiVersion"]))
-
-    if kustomization.get("namespace"):
-        for doc in docs:
-            if doc["kind"] not in CLUSTER_SCOPED_KINDS:
-                doc["metadata"]["namespace"] = kustomization["namespace"]
-
-    for entry in kustomization.get("labels", []):
-        if entry.get("includeSelectors") or entry.get("includeTemplates"):
-            raise KustomizeError(f"{directory}: labels with includeSelectors/includeTemplates are not implemented")
-        for doc in docs:
-            doc["metadata"].setdefault("labels", {}).update(entry["pairs"])
-
-    seen: set = set()
-    for doc in docs:
-        rid = resource_id(doc)
-        if rid in seen:
-            raise KustomizeError(f"{directory}: {rid} is defined twice")
-        seen.add(rid)
-    return docs
 
 
 @pytest.fixture(scope="module")
@@ -1340,13 +1205,27 @@ def test_local_dagster_yaml_loads_and_queues_like_the_cluster(helm_values, tmp_p
         instance.dispose()
 
 
-def test_run_pods_built_by_dagster_k8s_are_valid_and_unprivileged(helm_values, rendered, tmp_path):
-    """Build, with dagster-k8s itself, the Job that K8sRunLauncher would create for a run."""
+@pytest.mark.parametrize(
+    "job_name, service_account, resources",
+    [
+        ("canary_rollout_job", "mlops-rollout", None),
+        ("platform_job", "mlops-platform", None),
+        ("retrain_job", "mlops-rollout", {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}}),
+        ("monitor_drift_job", "mlops-rollout", {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}}),
+    ],
+)
+def test_run_pods_built_by_dagster_k8s_are_valid_and_unprivileged(
+    helm_values, rendered, tmp_path, job_name, service_account, resources
+):
+    """Build, with dagster-k8s itself, the Job that K8sRunLauncher would create for a run of each job:
+    the job's own `dagster-k8s/config` tag (a run carries its job's tags) merged over the chart's runK8sConfig."""
     import kubernetes
     from dagster._core.storage.dagster_run import DagsterRun
     from dagster_k8s.container_context import K8sContainerContext
     from dagster_k8s.job import construct_dagster_k8s_job
     from dagster_k8s.launcher import K8sRunLauncher
+
+    from mlops_assets.definitions import defs
 
     config = _process(K8sRunLauncher, chart_run_launcher(helm_values)["config"])
     kubeconfig = tmp_path / "kubeconfig"
@@ -1365,7 +1244,8 @@ def test_run_pods_built_by_dagster_k8s_are_valid_and_unprivileged(helm_values, r
     saved = kubernetes.client.Configuration.get_default_copy()
     try:
         launcher = K8sRunLauncher(**{**config, "load_incluster_config": False, "kubeconfig_file": str(kubeconfig)})
-        run = DagsterRun(job_name="canary_rollout_job", run_id="0123abcd", tags={"mlops-assets/isvc": "fraud-detector"})
+        job_tags = dict(defs.get_job_def(job_name).tags)
+        run = DagsterRun(job_name=job_name, run_id="0123abcd", tags={**job_tags, "mlops-assets/isvc": "fraud-detector"})
         context = K8sContainerContext.create_for_run(run, launcher, include_run_tags=True)
         job = construct_dagster_k8s_job(
             job_config=context.get_k8s_job_config(job_image="ghcr.io/mlops-assets/user-code:0.1.0", run_launcher=launcher),
@@ -1383,11 +1263,14 @@ def test_run_pods_built_by_dagster_k8s_are_valid_and_unprivileged(helm_values, r
 
     pod = manifest["spec"]["template"]["spec"]
     assert manifest["metadata"]["namespace"] == "mlops"
-    assert pod["serviceAccountName"] == "mlops-rollout"
+    assert pod["serviceAccountName"] == service_account
     assert manifest["spec"]["template"]["metadata"]["annotations"]["sidecar.istio.io/nativeSidecar"] == "true"
     (container,) = pod["containers"]
     problems = _check_container("run pod", pod, container, probes_required=False)
     assert not problems, problems
+    if resources is not None:
+        for kind, wanted in resources.items():
+            assert {k: container["resources"][kind][k] for k in wanted} == wanted
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     env = {e["name"]: e for e in container["env"]}
     assert env["MLOPS_ENV"]["value"] == "kubernetes"
@@ -1395,8 +1278,42 @@ def test_run_pods_built_by_dagster_k8s_are_valid_and_unprivileged(helm_values, r
     sources = {next(iter(s.values()))["name"] for s in container["envFrom"]}
     assert sources == {"mlops-env", "mlflow-client-credentials"}
     # What the run pod references exists: the SA and ConfigMap rendered, the Secret out of band.
-    get(rendered["base"], "ServiceAccount", "mlops", "mlops-rollout")
+    get(rendered["base"], "ServiceAccount", "mlops", service_account)
     get(rendered["base"], "ConfigMap", "mlops", "mlops-env")
+
+
+@pytest.mark.parametrize("name", ["dev", "prod"])
+def test_platform_role_grants_exactly_what_the_platform_assets_apply(rendered, name):
+    """Role mlops-platform, per namespace, grants get + create (+ patch unless immutable) on each kind the
+    `platform/*` assets own in the overlay, and nothing else."""
+    from mlops_assets.platform.cluster import IMMUTABLE_KINDS, PIECES, piece_objects, plural
+
+    docs = rendered[name]
+    needed: dict[str, set] = {}
+    for piece in PIECES:
+        for doc in piece_objects(docs, piece):
+            group = doc["apiVersion"].split("/")[0] if "/" in doc["apiVersion"] else ""
+            verbs = {"get", "create"} | (set() if doc["kind"] in IMMUTABLE_KINDS else {"patch"})
+            for verb in verbs:
+                needed.setdefault(doc["metadata"]["namespace"], set()).add((group, plural(doc["kind"]), verb))
+    granted: dict[str, set] = {}
+    for role in objects(docs, "Role"):
+        if role["metadata"]["name"] != "mlops-platform":
+            continue
+        for rule in role["rules"]:
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    for verb in rule["verbs"]:
+                        granted.setdefault(role["metadata"]["namespace"], set()).add((group, resource, verb))
+    # prod adds a PodDisruptionBudget for MLflow; dev has none, and the Role is the same in both.
+    if name == "dev":
+        needed["mlops"] |= {("policy", "poddisruptionbudgets", v) for v in ("get", "create", "patch")}
+    assert granted == needed
+    subjects = {(b["metadata"]["namespace"], b["roleRef"]["name"]): b["subjects"] for b in objects(docs, "RoleBinding")}
+    for namespace in needed:
+        assert subjects[(namespace, "mlops-platform")] == [
+            {"kind": "ServiceAccount", "name": "mlops-platform", "namespace": "mlops"}
+        ]
 
 
 def test_helm_values_reference_what_exists_and_secure_every_pod(helm_values, rendered, secrets_example):

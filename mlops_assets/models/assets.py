@@ -3,6 +3,7 @@
 import dagster as dg
 from pydantic import Field
 
+from mlops_assets.kube import run_pod_tags
 from mlops_assets.models.registry import CHALLENGER, CHAMPION, MlflowRegistry, UnknownModelError
 from mlops_assets.serving.platform import ServingPlatform
 
@@ -97,5 +98,7 @@ retrain_job = dg.define_asset_job(
     "retrain_job",
     selection=dg.AssetSelection.assets(*model_assets),
     description="Retrain on recent traffic and register a new version (its rollout follows via the registry sensor).",
+    # On a cluster: training holds the recent payloads, the frame and the fitted pipeline in memory.
+    tags=run_pod_tags(cpu="1", memory="2Gi", memory_limit="4Gi"),
 )
 defs = dg.Definitions(assets=model_assets, jobs=[retrain_job])

@@ -15,6 +15,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
+from mlops_assets.kube import run_pod_tags
 from mlops_assets.models.assets import MODEL_NAMES
 from mlops_assets.models.registry import MlflowRegistry
 from mlops_assets.serving.manifest import isvc_name_for
@@ -145,5 +146,7 @@ monitor_drift_job = dg.define_asset_job(
     "monitor_drift_job",
     selection=dg.AssetSelection.assets(*drift_assets),
     description="Compute drift reports for every served model.",
+    # On a cluster: the reference profile is 16 B per training value, plus a batch of up to 200k payload rows.
+    tags=run_pod_tags(cpu="1", memory="2Gi", memory_limit="4Gi"),
 )
 defs = dg.Definitions(assets=drift_assets, asset_checks=drift_checks, jobs=[monitor_drift_job])

@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from mlops_assets.kube import run_pod_tags
 from mlops_assets.platform.resources import PlatformServices
 from mlops_assets.serving.platform import ServingPlatform
 
@@ -23,7 +24,8 @@ def _meta(info: dict) -> dict:
 @dg.asset(key=["platform", "mlflow_backend_store"], group_name=GROUP, kinds={"mlflow", "sqlite"})
 def mlflow_backend_store(context: dg.AssetExecutionContext, platform_services: PlatformServices) -> dg.MaterializeResult:
     """MLflow's backend store (runs, registered models, aliases). Locally a SQLite file under
-    MLOPS_HOME; on a cluster PostgreSQL. Materializing creates and migrates it."""
+    MLOPS_HOME, created and migrated; on a cluster PostgreSQL, reconciled from k8s/ (desired vs live
+    shown as metadata)."""
     info = platform_services.backend_store()
     context.log.info(f"MLflow backend store ready: {info['uri']}")
     return dg.MaterializeResult(metadata=_meta(info))
@@ -31,7 +33,8 @@ def mlflow_backend_store(context: dg.AssetExecutionContext, platform_services: P
 
 @dg.asset(key=["platform", "artifact_store"], group_name=GROUP, kinds={"mlflow"})
 def artifact_store(context: dg.AssetExecutionContext, platform_services: PlatformServices) -> dg.MaterializeResult:
-    """Where model files and training snapshots live. Locally a directory; on a cluster MinIO/S3."""
+    """Where model files and training snapshots live. Locally a directory; on a cluster MinIO,
+    reconciled from k8s/."""
     info = platform_services.artifact_store()
     context.log.info(f"artifact store ready: {info['uri']}")
     return dg.MaterializeResult(metadata=_meta(info))
@@ -44,8 +47,8 @@ def artifact_store(context: dg.AssetExecutionContext, platform_services: Platfor
     kinds={"mlflow"},
 )
 def mlflow_server(context: dg.AssetExecutionContext, platform_services: PlatformServices) -> dg.MaterializeResult:
-    """The MLflow tracking server, for its UI: bound to 127.0.0.1, one worker, job execution off.
-    Idempotent: a running server is reused."""
+    """The MLflow tracking server, for its UI. Locally bound to 127.0.0.1, one worker, job execution
+    off, a running server reused; on a cluster the mlflow Deployment, reconciled from k8s/."""
     info = platform_services.tracking_server()
     context.log.info(f"MLflow UI at {info['url']}")
     return dg.MaterializeResult(metadata=_meta(info))
@@ -53,8 +56,9 @@ def mlflow_server(context: dg.AssetExecutionContext, platform_services: Platform
 
 @dg.asset(key=["platform", "prometheus"], group_name=GROUP, kinds={"prometheus"})
 def prometheus(context: dg.AssetExecutionContext, platform_services: PlatformServices) -> dg.MaterializeResult:
-    """Prometheus scraping every router and model server. Locally started when the binary is on
-    PATH (Debian package `prometheus`); without it, metrics are read straight from the routers."""
+    """Prometheus scraping every router and model server, with the shared alert rules. Locally
+    started when the binary is on PATH (Debian package `prometheus`); without it, metrics are read
+    straight from the routers. On a cluster the prometheus Deployment, reconciled from k8s/."""
     info = platform_services.prometheus()
     context.log.info(f"Prometheus: {info}")
     return dg.MaterializeResult(metadata=_meta(info))
@@ -81,4 +85,41 @@ def kserve(context: dg.AssetExecutionContext, serving: ServingPlatform) -> dg.Ma
     )
 
 
-defs = dg.Definitions(assets=[mlflow_backend_store, artifact_store, mlflow_server, prometheus, kserve])
+def _ready_check(asset: dg.AssetsDefinition, piece: str) -> dg.AssetChecksDefinition:
+    @dg.asset_check(
+        asset=asset,
+        name="ready",
+        blocking=True,
+        description="The piece serves: locally its process answers or its store is usable; on a cluster every "
+        "workload of the piece has rolled out (current generation observed, all replicas updated and ready, Jobs "
+        "complete), waited for with a deadline. Blocking: what depends on it does not run on a piece that is down.",
+    )
+    def _check(platform_services: PlatformServices) -> dg.AssetCheckResult:
+        info = dict(platform_services.readiness(piece))
+        ready = bool(info.pop("ready"))
+        return dg.AssetCheckResult(passed=ready, metadata=_meta(info))
+
+    return _check
+
+
+READY_CHECKS = [
+    _ready_check(mlflow_backend_store, "backend_store"),
+    _ready_check(artifact_store, "artifact_store"),
+    _ready_check(mlflow_server, "tracking_server"),
+    _ready_check(prometheus, "prometheus"),
+]
+
+platform_job = dg.define_asset_job(
+    "platform_job",
+    selection=dg.AssetSelection.groups(GROUP),
+    description="Install or reconcile the platform pieces (MLflow's stores and server, Prometheus, KServe) and check "
+    "that each serves. On a cluster: applies k8s/ and shows desired vs live as metadata.",
+    # On a cluster its run pods, and only they, use the ServiceAccount allowed to patch the platform's workloads.
+    tags=run_pod_tags(service_account="mlops-platform"),
+)
+
+defs = dg.Definitions(
+    assets=[mlflow_backend_store, artifact_store, mlflow_server, prometheus, kserve],
+    asset_checks=READY_CHECKS,
+    jobs=[platform_job],
+)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import urllib.error
+import urllib.request
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 import dagster as dg
 
-from mlops_assets.platform import services
+from mlops_assets.platform import cluster, services
 
 
 class PlatformServices(dg.ConfigurableResource, ABC):
@@ -28,6 +31,10 @@ class PlatformServices(dg.ConfigurableResource, ABC):
     @abstractmethod
     def prometheus(self) -> dict:
         """Ensure Prometheus runs (where it can); describe it."""
+
+    @abstractmethod
+    def readiness(self, piece: str) -> dict:
+        """Whether `piece` (a key of `cluster.PIECES`) serves: {"ready": bool, ...evidence}."""
 
 
 class LocalPlatformServices(PlatformServices):
@@ -78,26 +85,85 @@ class LocalPlatformServices(PlatformServices):
         record = services.start_prometheus(self._home, self.prometheus_port, rules=rules, mlflow_port=self.mlflow_ui_port)
         return {"installed": True, "url": record.url, "pid": record.pid, "log": record.log, "rules": ", ".join(map(str, rules))}
 
+    def readiness(self, piece: str) -> dict:
+        if piece == "backend_store":
+            try:
+                info = self.backend_store()
+            except Exception as exc:  # noqa: BLE001 - any failure to query the store is "not ready", with the reason
+                return {"ready": False, "error": f"{type(exc).__name__}: {exc}"}
+            return {"ready": True, "uri": info["uri"], "experiments": info["experiments"]}
+        if piece == "artifact_store":
+            root = self._home / "mlflow" / "artifacts"
+            ready = root.is_dir() and os.access(root, os.W_OK)
+            return {"ready": ready, "uri": root.as_uri(), "state": "writable directory" if ready else "missing or not writable"}
+        if piece == "tracking_server":
+            return self._serving("mlflow-server", "/health")
+        if piece == "prometheus":
+            if services.prometheus_binary() is None:
+                return {"ready": True, "installed": False, "note": "not installed: rollouts read metrics from the routers"}
+            return self._serving("prometheus", "/-/ready")
+        raise ValueError(f"unknown platform piece {piece!r}; expected one of {', '.join(cluster.PIECES)}")
+
+    def _serving(self, name: str, path: str) -> dict:
+        record = services.running(self._home, name)
+        if record is None:
+            return {"ready": False, "state": f"{name} is not running (materialize the asset to start it)"}
+        try:
+            with urllib.request.urlopen(record.url + path, timeout=5) as resp:
+                status = resp.status
+        except (urllib.error.URLError, OSError) as exc:
+            return {"ready": False, "url": record.url, "state": f"does not answer {path}: {exc}"}
+        if status != 200:
+            return {"ready": False, "url": record.url, "state": f"{path} answered {status}"}
+        return {"ready": True, "url": record.url, "pid": record.pid, "state": f"answers {path}"}
+
 
 class ClusterPlatformServices(PlatformServices):
-    """On a cluster the platform pieces come from `kubectl apply -k k8s/overlays/<env>` (see
-    k8s/README.md); applying them from Dagster with a diff of desired and live objects is not built
-    yet, so materializing these assets there says so instead of pretending."""
+    """The pieces on a Kubernetes cluster, reconciled from the rendered overlay (see `platform.cluster`)."""
 
-    def _not_yet(self, piece: str) -> dict:
-        raise NotImplementedError(
-            f"{piece}: on Kubernetes, install it with `kubectl apply -k k8s/overlays/prod` (k8s/README.md); "
-            "reconciling it from Dagster is not implemented yet"
-        )
+    manifests: str = str(cluster.K8S_DIR / "overlays" / "prod")  # a kustomization directory
+    in_cluster: bool = True  # use the pod's ServiceAccount token
+    kubeconfig: str = ""  # with in_cluster=False: this kubeconfig file ("" = the default one)
+    kube_context: str = ""
+    host: str = ""  # an explicit API server URL without credentials (kubectl proxy, tests); wins over the above
+    request_timeout_s: float = 30.0
+    ready_timeout_s: float = 300.0
+    poll_s: float = 2.0
+
+    def _connect(self):
+        return cluster.connect(self.host, self.in_cluster, self.kubeconfig, self.kube_context, self.request_timeout_s)
+
+    def reconcile(self, piece: str) -> dict:
+        docs = cluster.render_piece(self.manifests, piece)
+        with self._connect() as api:
+            rows = cluster.apply_objects(api, docs)
+        actions = (cluster.CREATED, cluster.UPDATED, cluster.UNCHANGED)
+        counts = {action: sum(r["action"] == action for r in rows) for action in actions}
+        return {
+            "kind": cluster.PIECES[piece].title,
+            "manifests": self.manifests,
+            **counts,
+            "drifted": sum(bool(r["diff"]) for r in rows),
+            "objects": dg.MetadataValue.md(cluster.rows_markdown(rows)),
+        }
 
     def backend_store(self) -> dict:
-        return self._not_yet("PostgreSQL (MLflow backend store)")
+        return self.reconcile("backend_store")
 
     def artifact_store(self) -> dict:
-        return self._not_yet("MinIO (artifact store)")
+        return self.reconcile("artifact_store")
 
     def tracking_server(self) -> dict:
-        return self._not_yet("MLflow tracking server")
+        return self.reconcile("tracking_server")
 
     def prometheus(self) -> dict:
-        return self._not_yet("Prometheus")
+        return self.reconcile("prometheus")
+
+    def readiness(self, piece: str) -> dict:
+        docs = cluster.render_piece(self.manifests, piece)
+        with self._connect() as api:
+            ready, rows = cluster.wait_ready(api, docs, self.ready_timeout_s, self.poll_s)
+        table = "| object | ready | state |\n|---|---|---|\n" + "\n".join(
+            f"| {r['object']} | {r['ready']} | {r['state']} |" for r in rows
+        )
+        return {"ready": ready, "objects": dg.MetadataValue.md(table), "waited_up_to_s": self.ready_timeout_s}

@@ -48,6 +48,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from mlops_assets.kube import KubernetesConnectionError, kube_configuration
 from mlops_assets.serving.manifest import (
     ANNOTATION_PREFIX,
     API_VERSION,
@@ -229,29 +230,13 @@ class KubernetesPlatform(ServingPlatform):
     # ---- the API client -----------------------------------------------------------------------
     @contextlib.contextmanager
     def _api(self) -> Iterator[_Api]:
-        from kubernetes import client, config
+        from kubernetes import client
 
         validate_dns1035(self.namespace, "namespace")
-        configuration = client.Configuration()
-        if self.host:
-            configuration.host = self.host.rstrip("/")
-        elif self.in_cluster:
-            try:
-                config.load_incluster_config(client_configuration=configuration)
-            except config.ConfigException as exc:
-                raise KubernetesPlatformError(
-                    f"in_cluster=True but this process is not in a pod with a ServiceAccount token ({exc}); "
-                    "set in_cluster=False (and kubeconfig / kube_context) or host"
-                ) from exc
-        else:
-            try:
-                config.load_kube_config(
-                    config_file=self.kubeconfig or None,
-                    context=self.kube_context or None,
-                    client_configuration=configuration,
-                )
-            except (config.ConfigException, OSError) as exc:
-                raise KubernetesPlatformError(f"cannot load kubeconfig {self.kubeconfig or '(default)'}: {exc}") from exc
+        try:
+            configuration = kube_configuration(self.host, self.in_cluster, self.kubeconfig, self.kube_context)
+        except KubernetesConnectionError as exc:
+            raise KubernetesPlatformError(str(exc)) from exc
         with client.ApiClient(configuration) as api_client:
             try:
                 yield _Api(api_client, self.namespace, configuration.host, self.request_timeout_s)

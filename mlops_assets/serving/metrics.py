@@ -1,18 +1,25 @@
 """`MetricsSource`: request, error and latency *counts* per revision, so statistics know n and k.
 
 `ScrapeMetrics` reads the local routers' `/metrics` directly (the embedded default, no Prometheus
-needed). Counters are cumulative; a window is the difference of two snapshots.
+needed). `PrometheusMetrics` asks a Prometheus for the same counts, from one of three sources: the
+local router (`router`), Knative's queue-proxy (`knative`, always there with KServe serverless) or
+the Istio sidecars (`istio`). Counters are cumulative; a window is the difference of two snapshots.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import urllib.error
 import urllib.request
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import dagster as dg
+import pydantic
+
+from mlops_assets.serving.manifest import validate_dns1035
+from mlops_assets.settings import METRICS_SOURCES
 
 
 class MetricsUnavailableError(RuntimeError):
@@ -130,15 +137,119 @@ class ScrapeMetrics(MetricsSource):
         return f"scrape of the {isvc} router's /metrics: mlops_router_requests_total, mlops_router_request_duration_seconds"
 
 
+@dataclass(frozen=True)
+class MetricsSourceSpec:
+    """Where one source keeps its numbers: metric and label names, and the latency unit."""
+
+    requests_metric: str
+    latency_metric: str
+    feedback_metric: str  # "" when the source has no A/B outcomes
+    revision_label: str
+    code_label: str
+    le_per_second: float  # histogram bounds are divided by this to give seconds
+    needs_namespace: bool
+
+
+#: Defaults per `PrometheusMetrics.source`; each name can still be overridden on the resource.
+SOURCE_SPECS: dict[str, MetricsSourceSpec] = {
+    # The local router: `mlops_router_*{isvc, revision, code}`, latency in seconds.
+    "router": MetricsSourceSpec(
+        requests_metric="mlops_router_requests_total",
+        latency_metric="mlops_router_request_duration_seconds_bucket",
+        feedback_metric="mlops_router_feedback_total",
+        revision_label="revision",
+        code_label="code",
+        le_per_second=1.0,
+        needs_namespace=False,
+    ),
+    # Knative's queue-proxy: `revision_*{namespace_name, configuration_name, revision_name, response_code}`, ms.
+    "knative": MetricsSourceSpec(
+        requests_metric="revision_request_count",
+        latency_metric="revision_request_latencies_bucket",
+        feedback_metric="",
+        revision_label="revision_name",
+        code_label="response_code",
+        le_per_second=1000.0,
+        needs_namespace=True,
+    ),
+    # Istio's sidecar (reporter="destination"): the revision is `destination_workload` minus
+    # "-deployment", copied into `revision_label` by label_replace; latency in ms.
+    "istio": MetricsSourceSpec(
+        requests_metric="istio_requests_total",
+        latency_metric="istio_request_duration_milliseconds_bucket",
+        feedback_metric="",
+        revision_label="revision",
+        code_label="response_code",
+        le_per_second=1000.0,
+        needs_namespace=True,
+    ),
+}
+assert tuple(SOURCE_SPECS) == METRICS_SOURCES
+
+_METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+_DNS_1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def validate_namespace(value: str) -> str:
+    """A Kubernetes namespace (DNS-1123 label), so it can be quoted into PromQL as is."""
+    if not isinstance(value, str) or not value or len(value) > 63 or not _DNS_1123.match(value):
+        raise ValueError(
+            f"namespace {value!r} is not a DNS-1123 label: 1-63 lower-case letters, digits and '-', "
+            "starting and ending with a letter or digit"
+        )
+    return value
+
+
 class PrometheusMetrics(MetricsSource):
-    """PromQL over Prometheus's HTTP API: the same queries for the embedded Prometheus and a cluster's."""
+    """PromQL over Prometheus's HTTP API: the same queries for the embedded Prometheus and a cluster's.
+
+    `source` picks the metric names: `router` (the local router, the default), `knative` (KServe
+    serverless: queue-proxy's `revision_request_*`, in `namespace`) or `istio` (the sidecars'
+    `istio_request*` with reporter="destination", in `namespace`). Empty name fields mean "the
+    source's default"; latency bounds are always returned in seconds. Only the router has A/B
+    feedback outcomes.
+    """
 
     url: str
     timeout_s: float = 5.0
-    requests_metric: str = "mlops_router_requests_total"
-    latency_metric: str = "mlops_router_request_duration_seconds_bucket"
-    feedback_metric: str = "mlops_router_feedback_total"
-    revision_label: str = "revision"
+    source: str = "router"
+    namespace: str = ""
+    requests_metric: str = ""
+    latency_metric: str = ""
+    feedback_metric: str = ""
+    revision_label: str = ""
+
+    @pydantic.model_validator(mode="after")
+    def _check_source(self) -> PrometheusMetrics:
+        if self.source not in SOURCE_SPECS:
+            raise ValueError(f"metrics source {self.source!r} is not one of {', '.join(SOURCE_SPECS)}")
+        if SOURCE_SPECS[self.source].needs_namespace:
+            if not self.namespace:
+                raise ValueError(f"metrics source {self.source!r} needs a namespace (that of the InferenceServices), got none")
+            validate_namespace(self.namespace)
+        for what, value, pattern in (
+            ("requests_metric", self.requests_metric, _METRIC_NAME),
+            ("latency_metric", self.latency_metric, _METRIC_NAME),
+            ("feedback_metric", self.feedback_metric, _METRIC_NAME),
+            ("revision_label", self.revision_label, _LABEL_NAME),
+        ):
+            if value and not pattern.match(value):
+                raise ValueError(f"{what} {value!r} is not a Prometheus {'label' if what.endswith('label') else 'metric'} name")
+        return self
+
+    @property
+    def spec(self) -> MetricsSourceSpec:
+        base = SOURCE_SPECS[self.source]
+        return MetricsSourceSpec(
+            requests_metric=self.requests_metric or base.requests_metric,
+            latency_metric=self.latency_metric or base.latency_metric,
+            feedback_metric=(self.feedback_metric or base.feedback_metric) if self.source == "router" else "",
+            revision_label=self.revision_label or base.revision_label,
+            code_label=base.code_label,
+            le_per_second=base.le_per_second,
+            needs_namespace=base.needs_namespace,
+        )
 
     def _query(self, promql: str) -> list[dict]:
         import json
@@ -155,32 +266,55 @@ class PrometheusMetrics(MetricsSource):
         return body["data"]["result"]
 
     def queries(self, isvc: str) -> dict[str, str]:
-        sel = f'isvc="{isvc}"'
-        rev = self.revision_label
-        return {
-            "requests": f"sum by ({rev}, code) ({self.requests_metric}{{{sel}}})",
-            "latency": f"sum by ({rev}, le) ({self.latency_metric}{{{sel}}})",
-            "feedback": f"sum by ({rev}, outcome) ({self.feedback_metric}{{{sel}}})",
-        }
+        """PromQL per kind of count ("requests", "latency", and "feedback" for the router only)."""
+        validate_dns1035(isvc, "InferenceService name")
+        spec = self.spec
+        rev, code = spec.revision_label, spec.code_label
+        if self.source == "router":
+            sel = f'isvc="{isvc}"'
+            return {
+                "requests": f"sum by ({rev}, {code}) ({spec.requests_metric}{{{sel}}})",
+                "latency": f"sum by ({rev}, le) ({spec.latency_metric}{{{sel}}})",
+                "feedback": f"sum by ({rev}, outcome) ({spec.feedback_metric}{{{sel}}})",
+            }
+        if self.source == "knative":
+            sel = f'namespace_name="{self.namespace}", configuration_name="{isvc}-predictor"'
+            return {
+                "requests": f"sum by ({rev}, {code}) ({spec.requests_metric}{{{sel}}})",
+                "latency": f"sum by ({rev}, le) ({spec.latency_metric}{{{sel}}})",
+            }
+        sel = (
+            f'reporter="destination", destination_workload_namespace="{self.namespace}", '
+            f'destination_workload=~"{isvc}-predictor-[0-9]+-deployment"'
+        )
+
+        def by_revision(metric: str, by: str) -> str:
+            relabelled = f'label_replace({metric}{{{sel}}}, "{rev}", "$1", "destination_workload", "(.*)-deployment")'
+            return f"sum by ({rev}, {by}) ({relabelled})"
+
+        return {"requests": by_revision(spec.requests_metric, code), "latency": by_revision(spec.latency_metric, "le")}
 
     def revision_counts(self, isvc: str, router_url: str) -> dict[str, RevisionCounts]:
         q = self.queries(isvc)
+        spec = self.spec
         out: dict[str, RevisionCounts] = {}
-        rev = self.revision_label
+        rev = spec.revision_label
         for sample in self._query(q["requests"]):
             labels, value = sample["metric"], int(float(sample["value"][1]))
             counts = out.setdefault(labels.get(rev, ""), RevisionCounts())
             counts.requests += value
-            code = labels.get("code", "")
+            code = labels.get(spec.code_label, "")
             if code.startswith("5"):
                 counts.errors += value
             elif code.startswith("4"):
                 counts.client_errors += value
         for sample in self._query(q["latency"]):
             labels = sample["metric"]
-            le = float(labels["le"]) if labels.get("le") not in ("+Inf", None) else math.inf
-            out.setdefault(labels.get(rev, ""), RevisionCounts()).buckets[le] = int(float(sample["value"][1]))
-        for sample in self._query(q["feedback"]):
+            le = float(labels["le"]) / spec.le_per_second if labels.get("le") not in ("+Inf", None) else math.inf
+            buckets = out.setdefault(labels.get(rev, ""), RevisionCounts()).buckets
+            # Bounds spelled differently ("100" and "100.0") are the same bucket.
+            buckets[le] = buckets.get(le, 0) + int(float(sample["value"][1]))
+        for sample in self._query(q["feedback"]) if "feedback" in q else ():
             labels, value = sample["metric"], int(float(sample["value"][1]))
             counts = out.setdefault(labels.get(rev, ""), RevisionCounts())
             if labels.get("outcome") == "success":
@@ -191,4 +325,7 @@ class PrometheusMetrics(MetricsSource):
         return out
 
     def describe_query(self, isvc: str) -> str:
-        return f"PromQL at {self.url}: " + "; ".join(self.queries(isvc).values())
+        text = f"PromQL at {self.url} ({self.source} metrics): " + "; ".join(self.queries(isvc).values())
+        if "feedback" not in self.queries(isvc):
+            text += f" (no A/B feedback outcomes: {self.source} metrics have none; only the router records them)"
+        return text
