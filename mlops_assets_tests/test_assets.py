@@ -63,6 +63,11 @@ def test_materializing_everything_brings_the_platform_up(resources, instance):
     assert http_json(f"{mlflow_url}/health")[0] == 200
     if services.prometheus_binary():
         assert http_json(meta["platform/prometheus"]["url"].value + "/-/ready")[0] == 200
+    ready = {c.asset_key.to_user_string(): c for c in result.get_asset_check_evaluations() if c.check_name == "ready"}
+    pieces = ("artifact_store", "mlflow_backend_store", "mlflow_server", "prometheus")
+    assert sorted(ready) == [f"platform/{p}" for p in pieces]
+    assert all(c.passed for c in ready.values()), {k: c.metadata for k, c in ready.items()}
+    assert ready["platform/mlflow_server"].metadata["state"].value == "answers /health"
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert checks["predictor_answers"].passed
     # No traffic yet: the threshold checks say so (a warning), they never read missing data as success.

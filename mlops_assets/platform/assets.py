@@ -9,6 +9,17 @@ from mlops_assets.serving.platform import ServingPlatform
 GROUP = "platform"
 
 
+def _log(context: dg.AssetExecutionContext, what: str, info: dict) -> None:
+    if "created" in info:  # reconciled on a cluster
+        context.log.info(
+            f"{what}: {info['created']} created, {info['updated']} patched, {info['unchanged']} unchanged "
+            f"({info['drifted']} differed from {info['manifests']})"
+        )
+    else:
+        where = info.get("url") or info.get("uri") or info.get("note", "")
+        context.log.info(f"{what}: {where}")
+
+
 def _meta(info: dict) -> dict:
     out = {}
     for key, value in info.items():
@@ -27,7 +38,7 @@ def mlflow_backend_store(context: dg.AssetExecutionContext, platform_services: P
     MLOPS_HOME, created and migrated; on a cluster PostgreSQL, reconciled from k8s/ (desired vs live
     shown as metadata)."""
     info = platform_services.backend_store()
-    context.log.info(f"MLflow backend store ready: {info['uri']}")
+    _log(context, "MLflow backend store", info)
     return dg.MaterializeResult(metadata=_meta(info))
 
 
@@ -36,7 +47,7 @@ def artifact_store(context: dg.AssetExecutionContext, platform_services: Platfor
     """Where model files and training snapshots live. Locally a directory; on a cluster MinIO,
     reconciled from k8s/."""
     info = platform_services.artifact_store()
-    context.log.info(f"artifact store ready: {info['uri']}")
+    _log(context, "artifact store", info)
     return dg.MaterializeResult(metadata=_meta(info))
 
 
@@ -50,7 +61,7 @@ def mlflow_server(context: dg.AssetExecutionContext, platform_services: Platform
     """The MLflow tracking server, for its UI. Locally bound to 127.0.0.1, one worker, job execution
     off, a running server reused; on a cluster the mlflow Deployment, reconciled from k8s/."""
     info = platform_services.tracking_server()
-    context.log.info(f"MLflow UI at {info['url']}")
+    _log(context, "MLflow tracking server (UI)", info)
     return dg.MaterializeResult(metadata=_meta(info))
 
 
@@ -60,7 +71,7 @@ def prometheus(context: dg.AssetExecutionContext, platform_services: PlatformSer
     started when the binary is on PATH (Debian package `prometheus`); without it, metrics are read
     straight from the routers. On a cluster the prometheus Deployment, reconciled from k8s/."""
     info = platform_services.prometheus()
-    context.log.info(f"Prometheus: {info}")
+    _log(context, "Prometheus", info)
     return dg.MaterializeResult(metadata=_meta(info))
 
 
