@@ -611,6 +611,7 @@ def test_rbac_is_namespaced_and_least_privilege(rendered):
             "verbs": ["get", "list", "watch", "create", "update", "patch"],
         },
         {"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices/status"], "verbs": ["get"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "patch"]},
     ]
     launcher = get(docs, "Role", "mlops", "dagster-run-launcher")
     granted = {(g, r) for rule in launcher["rules"] for g in rule["apiGroups"] for r in rule["resources"]}

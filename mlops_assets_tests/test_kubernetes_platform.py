@@ -565,3 +565,47 @@ def test_run_canary_promotes_a_good_version_and_rolls_back_a_faulty_one(cluster,
         stable = written["components"]["predictor"].get("latestRolledoutRevision")
         assert stable is None or cluster.storage_of(stable) != faulty_uri
     assert max(p for _, storage, p in metrics.served if storage == faulty_uri) == 20
+
+
+# ---- the rollout lock: a Lease every run pod sees ----------------------------------------------------
+LEASES = kmock.resource("coordination.k8s.io", "v1", "leases")
+
+
+def test_the_rollout_lock_is_a_lease_that_every_run_pod_sees(cluster):
+    """Two platforms stand for two run pods on different nodes: they share only the API server."""
+    from mlops_assets.rollout.lock import LockInfo, RolloutInProgressError
+
+    pod_a = KubernetesPlatform(host=cluster.url, namespace=NS).rollout_lock(NAME)
+    pod_b = KubernetesPlatform(host=cluster.url, namespace=NS).rollout_lock(NAME)
+    first = LockInfo(NAME, "canary-1", "run-a", "canary", "2", 1_700_000_000.0)
+    second = LockInfo(NAME, "bg-2", "run-b", "blue_green", "3", 1_700_000_100.0)
+    assert pod_a.acquire(first, is_running=lambda run: True) is None
+    lease = cluster.run(lambda api: copy.deepcopy(api.objects[LEASES, NS, f"rollout-{NAME}"].raw))
+    assert lease["spec"]["holderIdentity"] == "run-a" and lease["spec"]["acquireTime"] == "2023-11-14T22:13:20.000000Z"
+    assert pod_b.holder() == first
+    with pytest.raises(RolloutInProgressError, match="canary rollout canary-1 .*run run-a.*one rollout per InferenceService"):
+        pod_b.acquire(second, is_running=lambda run: True)
+    # run-a died: the next rollout takes the Lease over and is told whose it was (to roll that back).
+    assert pod_b.acquire(second, is_running=lambda run: False) == first
+    assert pod_a.holder() == second
+    pod_a.release(first)  # not the holder any more: nothing changes
+    assert pod_b.holder() == second
+    pod_b.release(second)
+    assert pod_a.holder() is None
+    lease = cluster.run(lambda api: copy.deepcopy(api.objects[LEASES, NS, f"rollout-{NAME}"].raw))
+    assert lease["spec"].get("holderIdentity") is None and lease["spec"]["leaseTransitions"] == 1
+    # Every write after the first carried the resourceVersion it read (optimistic concurrency).
+    patches = [r["data"] for r in cluster.requests("PATCH") if "/leases/" in r["path"]]
+    assert patches and all("resourceVersion" in p["metadata"] for p in patches)
+
+
+def test_a_lease_the_service_account_may_not_write_names_the_rule(cluster):
+    from mlops_assets.rollout.lock import LockInfo
+
+    forbidden = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 403, "reason": "Forbidden"}
+    cluster.run(lambda api: api["post", LEASES] << 403 << {**forbidden, "message": "cannot create leases"})
+    lock = KubernetesPlatform(host=cluster.url, namespace=NS).rollout_lock(NAME)
+    with pytest.raises(
+        KubernetesPermissionError, match="needs 'create' on leases.coordination.k8s.io in namespace mlops-serving"
+    ):
+        lock.acquire(LockInfo(NAME, "c", "r", "canary", "1", 0.0), is_running=lambda run: True)

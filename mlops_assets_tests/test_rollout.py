@@ -17,7 +17,7 @@ from mlops_assets.cli import TrafficGenerator
 from mlops_assets.platform import services
 from mlops_assets.rollout.ab import ABTest
 from mlops_assets.rollout.analysis import Thresholds
-from mlops_assets.rollout.lock import LockInfo, RolloutInProgressError, RolloutLock
+from mlops_assets.rollout.lock import FileRolloutLock, LockInfo, RolloutInProgressError
 from mlops_assets.rollout.strategies import PROMOTED, ROLLED_BACK, RolloutContext, run_ab_test, run_blue_green, run_canary
 from mlops_assets.serving.manifest import Deployment, build_inference_service
 from mlops_assets.serving.metrics import PrometheusMetrics, ScrapeMetrics
@@ -176,7 +176,7 @@ def test_ab_test_ships_the_arm_that_converts_better(platform, versions, users):
 
 
 def test_a_second_rollout_is_refused_and_a_dead_ones_lock_is_taken_over(tmp_path):
-    lock = RolloutLock(tmp_path, ISVC)
+    lock = FileRolloutLock(tmp_path, ISVC)
     first = LockInfo(ISVC, "canary-1", "run-a", "canary", "2", time.time())
     second = LockInfo(ISVC, "canary-2", "run-b", "blue_green", "3", time.time())
     assert lock.acquire(first, is_running=lambda run: True) is None

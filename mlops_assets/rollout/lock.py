@@ -3,6 +3,12 @@
 The lock records which rollout (and which Dagster run) owns the service. A second rollout is
 refused with a message naming the owner. A lock whose owner is no longer running is stale: the
 next rollout takes it over after rolling the service back to its last good revision.
+
+Each `ServingPlatform` hands out its own lock (`rollout_lock(name)`): a file under MLOPS_HOME for
+`LocalPlatform`, a `coordination.k8s.io` Lease beside the InferenceService for `KubernetesPlatform`,
+so that run pods on different nodes see the same owner. (The run queue's per-InferenceService tag
+limit already serializes rollouts that go through Dagster's queue; the lock also covers runs launched
+around it and records who owned a service when a run died.)
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import contextlib
 import fcntl
 import json
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +37,34 @@ class LockInfo:
     started: float
 
 
-class RolloutLock:
+def refusal(isvc: str, current: LockInfo) -> RolloutInProgressError:
+    return RolloutInProgressError(
+        f"{isvc} is being rolled out by {current.strategy} rollout {current.rollout_id} "
+        f"(version {current.version}, run {current.run_id}, started {time.ctime(current.started)}); "
+        "one rollout per InferenceService at a time: wait for it or cancel that run"
+    )
+
+
+class RolloutLock(ABC):
+    """Who owns an InferenceService's rollout."""
+
+    @abstractmethod
+    def holder(self) -> LockInfo | None:
+        """The current owner, if any."""
+
+    @abstractmethod
+    def acquire(self, info: LockInfo, is_running: Callable[[str], bool]) -> LockInfo | None:
+        """Take the lock; return the stale holder it replaced (its run died), if any; raise
+        `RolloutInProgressError` if a running rollout holds it."""
+
+    @abstractmethod
+    def release(self, info: LockInfo) -> None:
+        """Give the lock up if `info`'s rollout still holds it."""
+
+
+class FileRolloutLock(RolloutLock):
+    """The lock as a JSON file, guarded by flock: for processes on one machine."""
+
     def __init__(self, root: Path, isvc: str) -> None:
         self.path = root / "rollouts" / f"{isvc}.lock.json"
         self.isvc = isvc
@@ -48,11 +82,7 @@ class RolloutLock:
             fcntl.flock(guard, fcntl.LOCK_EX)
             current = self.holder()
             if current is not None and current.run_id != info.run_id and is_running(current.run_id):
-                raise RolloutInProgressError(
-                    f"{self.isvc} is being rolled out by {current.strategy} rollout {current.rollout_id} "
-                    f"(version {current.version}, run {current.run_id}, started {time.ctime(current.started)}); "
-                    "one rollout per InferenceService at a time: wait for it or cancel that run"
-                )
+                raise refusal(self.isvc, current)
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text(json.dumps(asdict(info)))
             tmp.replace(self.path)

@@ -143,7 +143,7 @@ def build_serving_asset(model_name: str) -> tuple[dg.AssetsDefinition, list[dg.A
         return metadata
 
     def _rollout(context, config, mlflow, serving, metrics, policy) -> dg.MaterializeResult:
-        from mlops_assets.rollout.lock import LockInfo, RolloutLock
+        from mlops_assets.rollout.lock import LockInfo
         from mlops_assets.rollout.strategies import RolloutContext, run_ab_test, run_blue_green, run_canary
 
         if config.strategy == "rollback":
@@ -154,7 +154,7 @@ def build_serving_asset(model_name: str) -> tuple[dg.AssetsDefinition, list[dg.A
             mlflow.get_version(model_name, config.version) if config.version else mlflow.version_by_alias(model_name, CHALLENGER)
         )
         rollout_id = f"{config.strategy}-{model_name}-v{version.version}-{uuid.uuid4().hex[:6]}"
-        lock = RolloutLock(_state_root(serving), isvc)
+        lock = serving.rollout_lock(isvc)
         info = LockInfo(isvc, rollout_id, context.run_id, config.strategy, version.version, time.time())
         stale = lock.acquire(info, lambda run_id: _run_is_active(context.instance, run_id))
         try:
@@ -381,12 +381,6 @@ def build_serving_asset(model_name: str) -> tuple[dg.AssetsDefinition, list[dg.A
         )
 
     return _serving, [_answers, _error_rate, _p95]
-
-
-def _state_root(serving: ServingPlatform):
-    from pathlib import Path
-
-    return Path(getattr(serving, "home", ".")) / "serving"
 
 
 def build_champion_asset(model_name: str) -> dg.AssetsDefinition:

@@ -45,10 +45,11 @@ import copy
 import json
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from mlops_assets.kube import KubernetesConnectionError, kube_configuration
+from mlops_assets.rollout.lock import LockInfo, RolloutInProgressError, RolloutLock, refusal
 from mlops_assets.serving.manifest import (
     ANNOTATION_PREFIX,
     API_VERSION,
@@ -70,6 +71,7 @@ MODEL_VERSION = f"{ANNOTATION_PREFIX}/model-version"
 RUN_ID = f"{ANNOTATION_PREFIX}/mlflow-run-id"
 REVISIONS = f"{ANNOTATION_PREFIX}/revisions"
 ROLLED_BACK_FROM = f"{ANNOTATION_PREFIX}/rolled-back-from"
+ROLLOUT_OWNER = f"{ANNOTATION_PREFIX}/rollout"  # on the rollout Lease: the LockInfo of the owner
 # Written by the platform itself, never part of the deployment contract `manifest()` returns.
 BOOKKEEPING = (REVISIONS, ROLLED_BACK_FROM)
 # Left out of template comparisons and of `manifest()`: the bookkeeping changes only together with
@@ -158,6 +160,9 @@ class KubernetesPlatform(ServingPlatform):
                     )
                 time.sleep(self.poll_s)
 
+    def rollout_lock(self, name: str) -> LeaseRolloutLock:
+        return LeaseRolloutLock(self, validate_dns1035(name, "InferenceService name"))
+
     def rollback(self, name: str) -> ServiceStatus:
         with self._api() as api:
             live = api.get(name)
@@ -244,12 +249,112 @@ class KubernetesPlatform(ServingPlatform):
                 api_client.rest_client.pool_manager.clear()  # one client per call: do not leave sockets to the GC
 
 
+class LeaseRolloutLock(RolloutLock):
+    """The rollout lock as a `coordination.k8s.io/v1` Lease `rollout-<isvc>` beside the InferenceService.
+
+    The owner (`LockInfo`) is the annotation `mlops-assets.dev/rollout`; `spec.holderIdentity` is its
+    run id, so `kubectl get lease` shows who rolls out what. Every write carries the resourceVersion
+    that was read, so two run pods racing for the same Lease cannot both win: the API server answers
+    the loser 409, which is reported as a rollout in progress.
+    """
+
+    def __init__(self, platform: KubernetesPlatform, isvc: str) -> None:
+        self.platform, self.isvc, self.name = platform, isvc, f"rollout-{isvc}"
+
+    @contextlib.contextmanager
+    def _leases(self) -> Iterator[Any]:
+        from kubernetes import client
+
+        with self.platform._api() as api:
+            yield client.CoordinationV1Api(api.api_client)
+
+    def _call(self, verb: str, method: Callable[..., Any], **kwargs: Any) -> Any:
+        import urllib3
+        from kubernetes.client.exceptions import ApiException
+
+        namespace = self.platform.namespace
+        try:
+            return method(namespace=namespace, _request_timeout=self.platform.request_timeout_s, **kwargs)
+        except ApiException as exc:
+            if exc.status == 404 and verb == "get":
+                return None
+            if exc.status == 409:
+                raise RolloutInProgressError(
+                    f"{self.isvc}: another rollout changed Lease {self.name} in {namespace} at the same time; retry later"
+                ) from exc
+            if exc.status == 403:
+                raise KubernetesPermissionError(
+                    f"RBAC: the ServiceAccount needs {verb!r} on leases.coordination.k8s.io in namespace {namespace} "
+                    f"(Role mlops-rollout in k8s/base/rbac/roles.yaml). The API server said: {_api_message(exc)}"
+                ) from exc
+            raise KubernetesPlatformError(
+                f"{verb} Lease {self.name} in {namespace} failed: HTTP {exc.status} {exc.reason}: {_api_message(exc)}"
+            ) from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise KubernetesUnreachableError(f"cannot reach the Kubernetes API server ({verb} Lease {self.name}): {exc}") from exc
+
+    def _read(self, leases: Any) -> tuple[dict | None, LockInfo | None]:
+        lease = self._call("get", leases.read_namespaced_lease, name=self.name)
+        if lease is None:
+            return None, None
+        lease = leases.api_client.sanitize_for_serialization(lease)
+        raw = ((lease.get("metadata") or {}).get("annotations") or {}).get(ROLLOUT_OWNER)
+        try:
+            return lease, LockInfo(**json.loads(raw)) if raw else None
+        except (ValueError, TypeError):
+            return lease, None
+
+    def holder(self) -> LockInfo | None:
+        with self._leases() as leases:
+            return self._read(leases)[1]
+
+    def acquire(self, info: LockInfo, is_running: Callable[[str], bool]) -> LockInfo | None:
+        with self._leases() as leases:
+            lease, current = self._read(leases)
+            if current is not None and current.run_id != info.run_id and is_running(current.run_id):
+                raise refusal(self.isvc, current)
+            now = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime(info.started))
+            body = {
+                "metadata": {"name": self.name, "annotations": {ROLLOUT_OWNER: json.dumps(asdict(info))}},
+                "spec": {"holderIdentity": info.run_id, "acquireTime": now, "renewTime": now},
+            }
+            if lease is None:
+                body["metadata"]["labels"] = {"app.kubernetes.io/part-of": "mlops-assets", f"{ANNOTATION_PREFIX}/isvc": self.isvc}
+                body["apiVersion"], body["kind"] = "coordination.k8s.io/v1", "Lease"
+                self._call("create", leases.create_namespaced_lease, body=body)
+            else:
+                body["metadata"]["resourceVersion"] = lease["metadata"].get("resourceVersion")
+                body["spec"]["leaseTransitions"] = int((lease.get("spec") or {}).get("leaseTransitions") or 0) + 1
+                self._call(
+                    "patch",
+                    leases.patch_namespaced_lease,
+                    name=self.name,
+                    body=body,
+                    _content_type="application/merge-patch+json",
+                )
+        return current if current is not None and current.run_id != info.run_id else None
+
+    def release(self, info: LockInfo) -> None:
+        with self._leases() as leases:
+            lease, current = self._read(leases)
+            if lease is None or current is None or current.rollout_id != info.rollout_id:
+                return
+            body = {
+                "metadata": {"annotations": {ROLLOUT_OWNER: None}, "resourceVersion": lease["metadata"].get("resourceVersion")},
+                "spec": {"holderIdentity": None},
+            }
+            self._call(
+                "patch", leases.patch_namespaced_lease, name=self.name, body=body, _content_type="application/merge-patch+json"
+            )
+
+
 class _Api:
     """The five calls the platform makes, with the API's failures turned into errors that say what to do."""
 
     def __init__(self, api_client: ApiClient, namespace: str, host: str, timeout_s: float) -> None:
         from kubernetes import client
 
+        self.api_client = api_client
         self._custom: CustomObjectsApi = client.CustomObjectsApi(api_client)
         self.namespace, self.host, self.timeout_s = namespace, host, timeout_s
 

@@ -21,6 +21,7 @@ import urllib.request
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
 
@@ -32,6 +33,9 @@ from mlops_assets.serving.manifest import (
     predictor_identity,
     validate_dns1035,
 )
+
+if TYPE_CHECKING:
+    from mlops_assets.rollout.lock import RolloutLock
 
 
 class UnknownServiceError(LookupError):
@@ -130,6 +134,10 @@ class ServingPlatform(dg.ConfigurableResource, ABC):
         """During a canary, send all traffic back to the rolled-out revision; after a promotion,
         to the previous rolled-out revision."""
 
+    @abstractmethod
+    def rollout_lock(self, name: str) -> RolloutLock:
+        """The lock that lets one rollout at a time own InferenceService `name` (see rollout/lock.py)."""
+
 
 def _identity_hash(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(predictor_identity(manifest), sort_keys=True).encode()).hexdigest()[:16]
@@ -161,6 +169,11 @@ class LocalPlatform(ServingPlatform):
         code, body = http_json(f"{status.url}/-/drift", {"share": share, "features": scores})
         if code != 200:
             raise RuntimeError(f"router of {name} refused the drift gauges: {code} {body}")
+
+    def rollout_lock(self, name: str) -> RolloutLock:
+        from mlops_assets.rollout.lock import FileRolloutLock
+
+        return FileRolloutLock(self._root, validate_dns1035(name, "InferenceService name"))
 
     def payload_dir(self, name: str) -> Path:
         """Where the router logs sampled inference payloads (the drift reports' current data)."""
