@@ -339,6 +339,10 @@ def test_name_overrides_show_up_in_the_queries():
         "latency": f'sum by (revision, le) (mlops_router_request_duration_seconds_bucket{{isvc="{ISVC}"}})',
         "feedback": f'sum by (revision, outcome) (ab_outcomes_total{{isvc="{ISVC}"}})',
     }
+    # Unset names are the source's defaults, visible on the resource.
+    defaults = PrometheusMetrics(url="http://127.0.0.1:9", source="knative", namespace=NAMESPACE)
+    assert (defaults.requests_metric, defaults.revision_label) == ("revision_request_count", "revision_name")
+    assert PrometheusMetrics(url="http://127.0.0.1:9").revision_label == "revision"
     with pytest.raises(ValueError, match="not a Prometheus metric name"):
         PrometheusMetrics(url="http://127.0.0.1:9", requests_metric="x{a='b'}")
 

@@ -215,28 +215,39 @@ class PrometheusMetrics(MetricsSource):
     timeout_s: float = 5.0
     source: str = "router"
     namespace: str = ""
+    # "" means the source's default (see SOURCE_SPECS); filled in at construction.
     requests_metric: str = ""
     latency_metric: str = ""
     feedback_metric: str = ""
     revision_label: str = ""
 
-    @pydantic.model_validator(mode="after")
-    def _check_source(self) -> PrometheusMetrics:
-        if self.source not in SOURCE_SPECS:
-            raise ValueError(f"metrics source {self.source!r} is not one of {', '.join(SOURCE_SPECS)}")
-        if SOURCE_SPECS[self.source].needs_namespace:
-            if not self.namespace:
-                raise ValueError(f"metrics source {self.source!r} needs a namespace (that of the InferenceServices), got none")
-            validate_namespace(self.namespace)
-        for what, value, pattern in (
-            ("requests_metric", self.requests_metric, _METRIC_NAME),
-            ("latency_metric", self.latency_metric, _METRIC_NAME),
-            ("feedback_metric", self.feedback_metric, _METRIC_NAME),
-            ("revision_label", self.revision_label, _LABEL_NAME),
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _check_and_fill(cls, data):
+        """Refuse an unknown source, a missing or malformed namespace and malformed names at
+        construction; fill empty names with the source's defaults, so the resource shows what it
+        queries. Values still `EnvVar`s are checked when Dagster builds the resource from them."""
+        if not isinstance(data, dict) or any(isinstance(v, dg.EnvVar) for v in data.values()):
+            return data
+        source, namespace = data.get("source", "router"), data.get("namespace", "")
+        if source not in SOURCE_SPECS:
+            raise ValueError(f"metrics source {source!r} is not one of {', '.join(SOURCE_SPECS)}")
+        base = SOURCE_SPECS[source]
+        if base.needs_namespace:
+            if not namespace:
+                raise ValueError(f"metrics source {source!r} needs a namespace (that of the InferenceServices), got none")
+            validate_namespace(namespace)
+        for what, pattern, kind in (
+            ("requests_metric", _METRIC_NAME, "metric"),
+            ("latency_metric", _METRIC_NAME, "metric"),
+            ("feedback_metric", _METRIC_NAME, "metric"),
+            ("revision_label", _LABEL_NAME, "label"),
         ):
-            if value and not pattern.match(value):
-                raise ValueError(f"{what} {value!r} is not a Prometheus {'label' if what.endswith('label') else 'metric'} name")
-        return self
+            value = data.get(what)
+            if value and not (isinstance(value, str) and pattern.match(value)):
+                raise ValueError(f"{what} {value!r} is not a Prometheus {kind} name")
+        names = ("requests_metric", "latency_metric", "feedback_metric", "revision_label")
+        return {**data, **{name: getattr(base, name) for name in names if not data.get(name)}}
 
     @property
     def spec(self) -> MetricsSourceSpec:
