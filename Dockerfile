@@ -11,6 +11,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     MLOPS_ENV=kubernetes \
     MLOPS_HOME=/tmp/mlops \
+    MLOPS_K8S_MANIFESTS=/opt/mlops-assets/k8s/overlays/prod \
     HOME=/tmp
 
 WORKDIR /opt/mlops-assets
@@ -18,6 +19,8 @@ WORKDIR /opt/mlops-assets
 # Dependencies first (cache-friendly), then the package itself.
 COPY pyproject.toml constraints.txt README.md ./
 COPY mlops_assets ./mlops_assets
+# The manifests the platform/* assets reconcile on the cluster (MLOPS_K8S_MANIFESTS).
+COPY k8s ./k8s
 RUN pip install -c constraints.txt . \
     && useradd --uid 10001 --user-group --no-create-home --home-dir /tmp dagster
 

@@ -34,7 +34,9 @@ def build_resources(settings: Settings) -> dict:
             "prometheus_alerts": PrometheusAlerts(url=settings.prometheus_url),
             "rollout_policy": RolloutPolicy(**(settings.rollout or {})),
             "drift_policy": DriftPolicy(home=str(settings.home)),
-            "platform_services": ClusterPlatformServices(),
+            "platform_services": ClusterPlatformServices(
+                **({"manifests": settings.k8s_manifests} if settings.k8s_manifests else {})
+            ),
         }
     return {
         "mlflow": registry,

@@ -28,6 +28,7 @@ VARIABLES: dict[str, str] = {
     "MLOPS_PROMETHEUS_URL": "(local: the embedded Prometheus, if installed)",
     "MLOPS_METRICS_SOURCE": "router (kubernetes: knative)",
     "MLOPS_NAMESPACE": "mlops",
+    "MLOPS_K8S_MANIFESTS": "k8s/overlays/prod (kubernetes: the kustomization the platform assets apply)",
     "MLOPS_RECENT_WINDOW_S": "3600",
     "MLOPS_ROLLOUT_STEPS": "5,25,50",
     "MLOPS_ROLLOUT_MIN_REQUESTS": "100",
@@ -55,6 +56,7 @@ class Settings:
     recent_window_s: float = 3600.0
     rollout: dict = None  # RolloutPolicy overrides from MLOPS_ROLLOUT_*
     metrics_source: str = "router"  # one of METRICS_SOURCES
+    k8s_manifests: str = ""  # kubernetes: the kustomization directory the platform assets apply ("" = k8s/overlays/prod)
 
     @property
     def mlflow_artifact_root(self) -> Path:
@@ -130,4 +132,5 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         rollout=rollout,
         recent_window_s=_positive(environ, "MLOPS_RECENT_WINDOW_S"),
         metrics_source=metrics_source,
+        k8s_manifests=environ.get("MLOPS_K8S_MANIFESTS", ""),
     )
