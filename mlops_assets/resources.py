@@ -23,13 +23,20 @@ def build_resources(settings: Settings) -> dict:
     else:
         metrics = ScrapeMetrics()
     if settings.env == KUBERNETES:
-        from mlops_assets.serving.kubernetes import KubernetesPlatform
+        from mlops_assets.serving.kubernetes import PAYLOAD_SINK_URL, KubernetesPlatform
+        from mlops_assets.serving.payload_sink import store_for
 
         if not settings.prometheus_url:
             raise SettingsError("MLOPS_ENV=kubernetes needs MLOPS_PROMETHEUS_URL (the cluster's Prometheus)")
         return {
             "mlflow": registry,
-            "serving": KubernetesPlatform(namespace=settings.namespace, in_cluster=True),
+            "serving": KubernetesPlatform(
+                namespace=settings.namespace,
+                in_cluster=True,
+                payload_sink_url=PAYLOAD_SINK_URL,
+                payload_store=store_for(settings.mlflow_tracking_uri) if settings.mlflow_tracking_uri.startswith("http") else "",
+                recent_window_s=settings.recent_window_s,
+            ),
             "metrics": metrics,
             "prometheus_alerts": PrometheusAlerts(url=settings.prometheus_url),
             "rollout_policy": RolloutPolicy(**(settings.rollout or {})),

@@ -81,6 +81,8 @@ IGNORED_ANNOTATIONS = (*BOOKKEEPING, "kubectl.kubernetes.io/last-applied-configu
 # Older revisions beyond this are dropped from the record (annotations are limited to 256 KiB).
 MAX_RECORDED_REVISIONS = 10
 VERBS = "get, list, create, patch and delete"
+#: The payload sink's Service in the cluster (k8s/base/serving/payload-sink.yaml).
+PAYLOAD_SINK_URL = "http://payload-sink.mlops-serving.svc.cluster.local"
 
 
 class KubernetesPlatformError(RuntimeError):
@@ -127,12 +129,78 @@ class KubernetesPlatform(ServingPlatform):
     ready_timeout_s: float = 300.0
     poll_s: float = 2.0
     request_timeout_s: float = 30.0
+    # The payload sink (serving/payload_sink.py) that KServe's payload logger sends requests to, and that holds
+    # the drift gauges ("" = no payload logging: drift reports cannot run). PAYLOAD_SINK_URL in the cluster.
+    payload_sink_url: str = ""
+    payload_store: str = ""  # where the sink writes its batches: payload_sink.store_for(the MLflow tracking URI)
+    recent_window_s: float = 3600.0
 
     # ---- the interface ------------------------------------------------------------------------
     def apply(self, manifest: dict) -> ServiceStatus:
         manifest = check_inference_service(manifest)
+        if self.payload_sink_url and "logger" not in manifest["spec"]["predictor"]:
+            # KServe's payload logger: every request, as a CloudEvent, to the sink (the drift reports' data).
+            manifest = copy.deepcopy(manifest)
+            manifest["spec"]["predictor"]["logger"] = {"mode": "request", "url": self.payload_sink_url}
         with self._api() as api:
             return self._apply(api, manifest)
+
+    def recent_payloads(self, name: str, columns: list[str], max_rows: int = 200_000):
+        """The requests the payload sink stored in the last `recent_window_s` (newest last, at most `max_rows`)."""
+        import tempfile
+        import urllib.error
+        import urllib.request
+
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        from mlops_assets.serving.payloads import rows_frame, rows_from_lines
+
+        validate_dns1035(name, "InferenceService name")
+        if not self.payload_sink_url or not self.payload_store:
+            raise NotImplementedError("payload logging is off (KubernetesPlatform.payload_sink_url / payload_store are empty)")
+        # Ask the sink to write what it buffers, so the report sees every sampled request so far.
+        with contextlib.suppress(urllib.error.URLError, OSError):
+            urllib.request.urlopen(
+                urllib.request.Request(f"{self.payload_sink_url}/-/flush", data=b"", method="POST"), timeout=30
+            )
+        since = time.time() - self.recent_window_s
+        location = f"{self.payload_store.rstrip('/')}/{name}"
+        try:
+            repo = get_artifact_repository(location)
+            batches = []
+            for info in repo.list_artifacts():
+                stem = info.path.rsplit("/", 1)[-1].split("-", 1)[0]
+                if not info.is_dir and stem.isdigit() and int(stem) / 1000 >= since:
+                    batches.append((int(stem), info.path.rsplit("/", 1)[-1]))
+            rows: list[dict] = []
+            with tempfile.TemporaryDirectory() as tmp:
+                for _, batch in sorted(batches, reverse=True):  # newest first, until max_rows
+                    path = repo.download_artifacts(batch, dst_path=tmp)
+                    with open(path, "rb") as handle:
+                        rows[:0] = rows_from_lines(handle, columns, since)
+                    if len(rows) >= max_rows:
+                        break
+        except Exception as exc:  # noqa: BLE001 - MLflow raises many types for an unreachable or refusing store
+            raise KubernetesPlatformError(
+                f"cannot read the payload log of {name} from {location} (MLflow's artifact proxy): {type(exc).__name__}: {exc}"
+            ) from exc
+        return rows_frame(rows, columns, max_rows)
+
+    def publish_drift(self, name: str, share: float, scores: dict[str, float]) -> None:
+        import urllib.error
+        import urllib.request
+
+        validate_dns1035(name, "InferenceService name")
+        if not self.payload_sink_url:
+            raise NotImplementedError("no payload sink to hold the drift gauges (payload_sink_url is empty)")
+        body = json.dumps({"share": share, "features": scores}).encode()
+        request = urllib.request.Request(
+            f"{self.payload_sink_url}/-/drift/{name}", data=body, method="POST", headers={"Content-Type": "application/json"}
+        )
+        try:
+            urllib.request.urlopen(request, timeout=30).close()
+        except (urllib.error.URLError, OSError) as exc:
+            raise RuntimeError(f"the payload sink at {self.payload_sink_url} did not take the drift gauges: {exc}") from exc
 
     def status(self, name: str) -> ServiceStatus:
         with self._api() as api:

@@ -45,26 +45,37 @@ def rows_from_payload(body: dict, columns: list[str]) -> list[dict]:
     return []
 
 
+def rows_from_lines(lines, columns: list[str], since: float | None = None) -> list[dict]:
+    """Feature rows from payload-log lines (bytes), skipping torn or foreign lines and those older than `since`."""
+    import json
+
+    rows: list[dict] = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # a torn last line while the router writes
+        if not isinstance(entry, dict) or not isinstance(entry.get("body"), dict):
+            continue
+        if since is not None and float(entry.get("ts", 0)) < since:
+            continue
+        rows.extend(rows_from_payload(entry["body"], columns))
+    return rows
+
+
+def rows_frame(rows: list[dict], columns: list[str], max_rows: int) -> pd.DataFrame:
+    rows = rows[-max_rows:]
+    return pd.DataFrame(rows, columns=columns) if rows else pd.DataFrame(columns=columns)
+
+
 def read_payload_log(directory, columns: list[str], max_rows: int = 200_000, since: float | None = None) -> pd.DataFrame:
     """The most recent logged request rows (newest last): at most `max_rows`, none older than `since`."""
-    import json
     from pathlib import Path
 
     rows: list[dict] = []
     for name in ("previous.jsonl", "current.jsonl"):
         path = Path(directory) / name
-        if not path.exists():
-            continue
-        with open(path, "rb") as handle:
-            for line in handle:
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    continue  # a torn last line while the router writes
-                if not isinstance(entry, dict) or not isinstance(entry.get("body"), dict):
-                    continue
-                if since is not None and float(entry.get("ts", 0)) < since:
-                    continue
-                rows.extend(rows_from_payload(entry["body"], columns))
-    rows = rows[-max_rows:]
-    return pd.DataFrame(rows, columns=columns) if rows else pd.DataFrame(columns=columns)
+        if path.exists():
+            with open(path, "rb") as handle:
+                rows.extend(rows_from_lines(handle, columns, since))
+    return rows_frame(rows, columns, max_rows)

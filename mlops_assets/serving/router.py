@@ -29,6 +29,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from mlops_assets.serving.wire import parse_drift_body, payload_line
+
 TAGS = ("latest", "prev")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _HOP_BY_HOP = {"host", "connection", "keep-alive", "transfer-encoding", "content-length", "upgrade", "te", "trailer"}
@@ -228,7 +230,7 @@ class PayloadLog:
         if not body or random.random() >= self.sample_rate:
             return
         # Wrapped with its arrival time so readers can take a time window; the body stays raw bytes.
-        line = b'{"ts":%.3f,"body":' % time.time() + body.replace(b"\n", b" ") + b"}\n"
+        line = payload_line(time.time(), body)
         self.handle.write(line)
         self.size += len(line)
         if self.size > self.max_bytes // 2:
@@ -377,10 +379,9 @@ class Router:
         """`{"share": 0.2, "features": {"amount": 0.31, ...}}`: the latest drift report's scores,
         exposed as gauges so Prometheus can alert on them."""
         try:
-            body = await request.json()
-            share, features = float(body["share"]), {str(k): float(v) for k, v in body["features"].items()}
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            return web.json_response({"error": f'expected {{"share": float, "features": {{name: float}}}}: {exc}'}, status=400)
+            share, features = parse_drift_body(await request.json())
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
         self.drift_score.clear()
         for feature, score in features.items():
             self.drift_score.labels(self.isvc, feature).set(score)
