@@ -12,7 +12,8 @@ No Kubernetes API server, Helm, Istio, KServe or cluster Prometheus runs here. W
   and every reference (service accounts, Secrets expected out of band, ConfigMaps, Roles, Service
   selectors and ports, volumes, gateways, principals).
 - Semantics: a NetworkPolicy evaluator and an Istio AuthorizationPolicy evaluator decide concrete
-  flows (who may reach MLflow, PostgreSQL, MinIO, the model servers) on the rendered policies.
+  flows (who may reach MLflow, PostgreSQL, MinIO, the model servers, the payload sink) on the
+  rendered policies; a relabelling evaluator runs the scrape configuration on the pods' labels.
 - Prometheus: `promtool` (Debian's `prometheus` package; skipped with a reason where absent)
   checks the rules file, runs its unit tests and checks the rendered scrape configuration.
 - Dagster: the instance that the Helm chart renders from `k8s/dagster/values.yaml` (mapped here
@@ -63,6 +64,8 @@ WRITABLE_ROOT_FS = {("InferenceService", "fraud-detector", "model"): "MLServer's
 CUSTOM_GROUPS = ("serving.kserve.io", "security.istio.io", "networking.istio.io")
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
 DAGSTER_RELEASE = {"name": "dagster", "namespace": "mlops", "fullname": "dagster"}
+USER_CODE_IMAGE = "ghcr.io/mlops-assets/user-code:0.1.0"
+PAYLOAD_SINK_MODULE = "mlops_assets.serving.payload_sink"
 
 _DNS_1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS_1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -178,6 +181,11 @@ def test_overlays_size_the_platform_differently(rendered):
     )
     pdbs = objects(rendered["prod"], "PodDisruptionBudget")
     assert [p["metadata"]["name"] for p in pdbs] == ["mlflow"] and not objects(rendered["dev"], "PodDisruptionBudget")
+    sink = {env: get(rendered[env], "Deployment", "mlops-serving", "payload-sink") for env in KUSTOMIZATIONS}
+    # One replica everywhere: drift gauges and flushes must reach the pod that holds them.
+    assert [sink[env]["spec"]["replicas"] for env in ("base", "dev", "prod")] == [1, 1, 1]
+    base_sink, prod_sink = (sink[env]["spec"]["template"]["spec"]["containers"][0] for env in ("base", "prod"))
+    assert {k: v for k, v in prod_sink.items() if k != "resources"} == {k: v for k, v in base_sink.items() if k != "resources"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -621,6 +629,13 @@ def test_rbac_is_namespaced_and_least_privilege(rendered):
         {"kind": "ServiceAccount", "name": "mlops-rollout", "namespace": "mlops"}
     ]
     assert subjects[("mlops", "dagster-run-launcher")] == [{"kind": "ServiceAccount", "name": "dagster", "namespace": "mlops"}]
+    # The payload sink calls no Kubernetes API: no token, no binding.
+    for docs in rendered.values():
+        assert get(docs, "ServiceAccount", "mlops-serving", "payload-sink")["automountServiceAccountToken"] is False
+        sink_spec = get(docs, "Deployment", "mlops-serving", "payload-sink")["spec"]["template"]["spec"]
+        assert sink_spec["serviceAccountName"] == "payload-sink" and sink_spec["automountServiceAccountToken"] is False
+        for binding in objects(docs, "RoleBinding"):
+            assert {"kind": "ServiceAccount", "name": "payload-sink", "namespace": "mlops-serving"} not in binding["subjects"]
 
 
 def _check_container(where: str, pod: dict, container: dict, probes_required: bool) -> list[str]:
@@ -728,7 +743,7 @@ def test_istio_mtls_is_strict_and_authorization_rules_pair_sources_with_operatio
         assert peer_auth["spec"]["mtls"]["mode"] == "STRICT"
         assert not peer_auth["spec"].get("portLevelMtls")
     policies = objects(docs, "AuthorizationPolicy")
-    assert {p["metadata"]["name"] for p in policies} >= {"inference-callers", "mlflow-callers"}
+    assert {p["metadata"]["name"] for p in policies} >= {"inference-callers", "mlflow-callers", "payload-sink-callers"}
     for policy in policies:
         assert policy["spec"].get("action", "ALLOW") in ("ALLOW", "DENY")
         assert policy["spec"]["rules"], f"{policy['metadata']['name']}: an ALLOW policy without rules denies all, is that meant?"
@@ -811,6 +826,7 @@ def pods(rendered) -> dict[str, dict]:
         "minio": template("StatefulSet", "mlops", "minio"),
         "bucket-job": template("Job", "mlops", "minio-create-buckets"),
         "prometheus": template("Deployment", "monitoring", "prometheus"),
+        "payload-sink": template("Deployment", "mlops-serving", "payload-sink"),
         "webserver": {"ns": "mlops", "labels": {**dagster_chart, "component": "dagster-webserver"}, "sa": "mlops/dagster"},
         "daemon": {"ns": "mlops", "labels": {**dagster_chart, "component": "dagster-daemon"}, "sa": "mlops/dagster"},
         "user-code": {
@@ -842,6 +858,8 @@ def pods(rendered) -> dict[str, dict]:
         "kube-dns": {"ns": "kube-system", "labels": {"k8s-app": "kube-dns"}, "sa": "kube-system/coredns"},
         "apiserver": {"ns": "default", "labels": {"component": "kube-apiserver"}, "sa": "default/default"},
         "intruder": {"ns": "default", "labels": {"app": "intruder"}, "sa": "default/default"},
+        # Any other pod of the serving namespace (neither a predictor nor the sink).
+        "serving-other": {"ns": "mlops-serving", "labels": {"app": "other"}, "sa": "mlops-serving/default"},
     }
 
 
@@ -870,6 +888,10 @@ ALLOWED_FLOWS = [
     ("prometheus", "predictor", 15090),
     ("daemon", "apiserver", 443),
     ("prometheus", "apiserver", 6443),
+    ("predictor", "payload-sink", 8080),
+    ("run-worker", "payload-sink", 8080),
+    ("prometheus", "payload-sink", 8080),
+    ("payload-sink", "mlflow", 5000),
 ]
 DENIED_FLOWS = [
     ("intruder", "mlflow", 5000),
@@ -889,6 +911,18 @@ DENIED_FLOWS = [
     ("mlflow", "intruder", 443),
     ("postgres", "intruder", 443),
     ("activator", "mlflow", 5000),
+    ("intruder", "payload-sink", 8080),
+    ("serving-other", "payload-sink", 8080),
+    ("webserver", "payload-sink", 8080),
+    ("gateway", "payload-sink", 8080),
+    ("predictor", "payload-sink", 9090),
+    ("payload-sink", "postgres", 5432),
+    ("payload-sink", "minio", 9000),
+    ("payload-sink", "predictor", 8012),
+    ("payload-sink", "prometheus", 9090),
+    ("payload-sink", "intruder", 443),
+    ("payload-sink", "apiserver", 443),
+    ("serving-other", "mlflow", 5000),
 ]
 
 
@@ -945,6 +979,7 @@ def authorization_allows(policies: list[dict], src: dict, dst: dict, port: int, 
 def test_authorization_policies_decide_concrete_requests(rendered, pods):
     policies = objects(rendered["base"], "AuthorizationPolicy")
     infer = "/v2/models/fraud-detector/infer"
+    artifacts = "/api/2.0/mlflow-artifacts/artifacts"
     allowed = [
         ("gateway", "predictor", 8012, "POST", infer),
         ("activator", "predictor", 8012, "POST", "/v1/models/fraud-detector:predict"),
@@ -956,6 +991,13 @@ def test_authorization_policies_decide_concrete_requests(rendered, pods):
         ("mlflow", "postgres", 5432, "", ""),
         ("mlflow", "minio", 9000, "PUT", "/mlflow/1/x"),
         ("predictor", "minio", 9000, "GET", "/mlflow/1/x"),
+        ("predictor", "payload-sink", 8080, "POST", "/"),
+        ("run-worker", "payload-sink", 8080, "POST", "/-/drift/fraud-detector"),
+        ("run-worker", "payload-sink", 8080, "POST", "/-/flush"),
+        ("prometheus", "payload-sink", 8080, "GET", "/metrics"),
+        ("payload-sink", "mlflow", 5000, "PUT", f"{artifacts}/payloads/fraud-detector/batch-0001.jsonl"),
+        ("payload-sink", "mlflow", 5000, "GET", f"{artifacts}/payloads/fraud-detector/batch-0001.jsonl"),
+        ("payload-sink", "mlflow", 5000, "GET", artifacts),
     ]
     denied = [
         ("intruder", "predictor", 8012, "POST", infer),
@@ -966,6 +1008,23 @@ def test_authorization_policies_decide_concrete_requests(rendered, pods):
         ("prometheus", "mlflow", 5000, "POST", "/api/2.0/mlflow/runs/create"),
         ("predictor", "postgres", 5432, "", ""),
         ("run-worker", "minio", 9000, "GET", "/mlflow/1/x"),
+        ("intruder", "payload-sink", 8080, "POST", "/"),
+        ("serving-other", "payload-sink", 8080, "POST", "/"),
+        ("gateway", "payload-sink", 8080, "POST", "/"),
+        ("predictor", "payload-sink", 8080, "GET", "/"),
+        ("predictor", "payload-sink", 8080, "POST", "/-/drift/fraud-detector"),
+        ("predictor", "payload-sink", 8080, "POST", "/-/flush"),
+        ("run-worker", "payload-sink", 8080, "POST", "/"),
+        ("webserver", "payload-sink", 8080, "POST", "/-/drift/fraud-detector"),
+        ("prometheus", "payload-sink", 8080, "POST", "/-/flush"),
+        ("payload-sink", "mlflow", 5000, "POST", "/api/2.0/mlflow/runs/create"),
+        ("payload-sink", "mlflow", 5000, "GET", "/api/2.0/mlflow/registered-models/get"),
+        ("payload-sink", "mlflow", 5000, "DELETE", f"{artifacts}/payloads/fraud-detector/batch-0001.jsonl"),
+        ("payload-sink", "mlflow", 5000, "PUT", f"{artifacts}-evil/x"),
+        ("payload-sink", "mlflow", 5000, "GET", "/"),
+        ("payload-sink", "postgres", 5432, "", ""),
+        ("payload-sink", "minio", 9000, "PUT", "/mlflow/payloads/x"),
+        ("payload-sink", "predictor", 8012, "POST", infer),
     ]
     wrong = [f"{r} denied" for r in allowed if not authorization_allows(policies, pods[r[0]], pods[r[1]], *r[2:])]
     wrong += [f"{r} allowed" for r in denied if authorization_allows(policies, pods[r[0]], pods[r[1]], *r[2:])]
@@ -975,6 +1034,164 @@ def test_authorization_policies_decide_concrete_requests(rendered, pods):
     first = buggy[0]["spec"]["rules"][0]
     buggy[0]["spec"]["rules"] = [{"from": first["from"]}, {"to": first["to"]}]
     assert authorization_allows(buggy, pods["intruder"], pods["predictor"], 8012, "POST", infer)
+
+
+# --- the payload sink -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
+def test_payload_sink_is_wired_to_the_logger_and_mlflow(rendered, helm_values, name):
+    """KServe's payload logger reaches the sink's Service; the sink reaches MLflow's Service, with
+    its own Secret in its own namespace; it runs the user-code image's module on its named port."""
+    docs = rendered[name]
+    service = get(docs, "Service", "mlops-serving", "payload-sink")
+    deployment = get(docs, "Deployment", "mlops-serving", "payload-sink")
+    template = deployment["spec"]["template"]
+    labels = {"app.kubernetes.io/name": "payload-sink", "app.kubernetes.io/component": "payload-sink"}
+    assert labels.items() <= deployment["metadata"]["labels"].items() and labels.items() <= template["metadata"]["labels"].items()
+    (port,) = service["spec"]["ports"]
+    assert port["port"] == 80 and port["targetPort"] == "http" and port["appProtocol"] == "http"
+    (container,) = template["spec"]["containers"]
+    assert container["ports"] == [{"name": "http", "containerPort": 8080}]
+    assert container["command"] == ["python", "-m", PAYLOAD_SINK_MODULE, "--host", "0.0.0.0", "--port", "8080"]
+    user_code = helm_values["dagster-user-deployments"]["deployments"][0]["image"]
+    assert container["image"] == USER_CODE_IMAGE == f"{user_code['repository']}:{user_code['tag']}"
+    assert container["readinessProbe"]["httpGet"] == {"path": "/-/ready", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/-/healthy", "port": "http"}
+    if name != "prod":
+        assert container["resources"] == {
+            "requests": {"cpu": "100m", "memory": "256Mi"},
+            "limits": {"cpu": "500m", "memory": "512Mi"},
+        }
+    pod_sc, sc = template["spec"]["securityContext"], container["securityContext"]
+    assert pod_sc["runAsUser"] == 10001 and pod_sc["runAsNonRoot"] is True and sc["readOnlyRootFilesystem"] is True
+    (tmp,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
+    assert {"name": tmp["name"], "emptyDir": {}} in template["spec"]["volumes"]
+
+    env = {e["name"]: e for e in container["env"]}
+    mlflow = get(docs, "Service", "mlops", "mlflow")
+    (mlflow_port,) = mlflow["spec"]["ports"]
+    tracking = f"http://{mlflow['metadata']['name']}.mlops.svc.cluster.local:{mlflow_port['port']}"
+    assert env["MLFLOW_TRACKING_URI"]["value"] == tracking
+    assert env["MLOPS_ENV"]["value"] == "kubernetes"
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "payload-sink-mlflow-credentials", "key": key}
+    assert all("value" not in env[k] for k in env if "PASSWORD" in k or "USERNAME" in k)
+
+    isvc = get(docs, "InferenceService", "mlops-serving", "fraud-detector")
+    logger = isvc["spec"]["predictor"]["logger"]
+    assert logger == {"mode": "request", "url": f"http://{service['metadata']['name']}.mlops-serving.svc.cluster.local"}
+    from mlops_assets.serving.kubernetes import PAYLOAD_SINK_URL
+
+    assert logger["url"] == PAYLOAD_SINK_URL, "rollouts set the logger URL the manifests serve"
+
+
+def test_payload_sink_module_runs_with_the_manifests_command(rendered):
+    """The Deployment's command names a module of this package that takes --host and --port."""
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec(PAYLOAD_SINK_MODULE) is None:
+        pytest.skip(f"{PAYLOAD_SINK_MODULE} is not in this checkout yet")
+    command = get(rendered["base"], "Deployment", "mlops-serving", "payload-sink")["spec"]["template"]["spec"]["containers"][0][
+        "command"
+    ]
+    assert command[:3] == ["python", "-m", PAYLOAD_SINK_MODULE]
+    result = subprocess.run([sys.executable, "-m", PAYLOAD_SINK_MODULE, "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "--host" in result.stdout and "--port" in result.stdout
+
+
+def _meta_name(value: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_]", "_", value)
+
+
+def relabel(configs: list[dict], labels: dict[str, str]) -> dict[str, str] | None:
+    """Prometheus's relabelling (replace, keep, drop; fully anchored regex; empty values delete the
+    label) of one discovered target; None when the target is dropped."""
+    labels = dict(labels)
+    for config in configs:
+        action = config.get("action", "replace")
+        value = config.get("separator", ";").join(labels.get(s, "") for s in config.get("source_labels", []))
+        match = re.fullmatch(config.get("regex", "(.*)"), value)
+        if action == "keep" and not match or action == "drop" and match:
+            return None
+        if action == "replace" and match:
+            replacement = re.sub(r"\$\{?(\d+)\}?", r"\\g<\1>", str(config.get("replacement", "$1")))
+            result = match.expand(replacement)
+            if result:
+                labels[config["target_label"]] = result
+            else:
+                labels.pop(config["target_label"], None)
+        elif action not in ("replace", "keep", "drop"):
+            raise NotImplementedError(action)
+    return labels
+
+
+def _discovered(docs: list[dict], kind: str, ns: str, name: str, ip: str = "10.0.0.7") -> list[dict[str, str]]:
+    """The targets Prometheus's `pod` role discovers for a workload's pod: one per container port."""
+    template = get(docs, kind, ns, name)["spec"]["template"]
+    meta = {
+        "__meta_kubernetes_namespace": ns,
+        "__meta_kubernetes_pod_name": f"{name}-0",
+        "__meta_kubernetes_pod_phase": "Running",
+    }
+    for key, value in template["metadata"].get("labels", {}).items():
+        meta[f"__meta_kubernetes_pod_label_{_meta_name(key)}"] = value
+    for key, value in template["metadata"].get("annotations", {}).items():
+        meta[f"__meta_kubernetes_pod_annotation_{_meta_name(key)}"] = value
+    return [
+        {**meta, "__address__": f"{ip}:{p['containerPort']}", "__meta_kubernetes_pod_container_port_name": p.get("name", "")}
+        for c in template["spec"]["containers"]
+        for p in c.get("ports", [])
+    ]
+
+
+def test_prometheus_scrapes_the_payload_sink_where_policies_let_it(rendered, pods):
+    """The `mlops-serving` job keeps the sink's pods, on the port and path they annotate, labelled
+    component=payload-sink and without an `isvc` target label (its drift gauges carry their own);
+    both policy layers let Prometheus make exactly that request."""
+    docs = rendered["base"]
+    config = yaml.safe_load(get(docs, "ConfigMap", "monitoring", "prometheus-config")["data"]["prometheus.yml"])
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    targets = {
+        job_name: [
+            t
+            for t in (
+                relabel(jobs[job_name]["relabel_configs"], d)
+                for d in _discovered(docs, "Deployment", "mlops-serving", "payload-sink")
+            )
+            if t
+        ]
+        for job_name in ("mlops-serving", "mlflow")
+    }
+    assert not targets["mlflow"]
+    (target,) = {t["__address__"]: t for t in targets["mlops-serving"]}.values()
+    assert target["component"] == "payload-sink" and target["namespace"] == "mlops-serving" and "isvc" not in target
+    assert target["__metrics_path__"] == "/metrics" and jobs["mlops-serving"]["scheme"] == "https"
+    port = int(target["__address__"].rsplit(":", 1)[1])
+    assert port == 8080
+    assert network_allows(objects(docs, "NetworkPolicy"), pods["prometheus"], pods["payload-sink"], port)
+    assert authorization_allows(
+        objects(docs, "AuthorizationPolicy"), pods["prometheus"], pods["payload-sink"], port, "GET", target["__metrics_path__"]
+    )
+    # The same evaluator on MLflow's pods, for comparison with a job known to work.
+    (mlflow_target,) = {
+        t["__address__"]: t
+        for t in (relabel(jobs["mlflow"]["relabel_configs"], d) for d in _discovered(docs, "Deployment", "mlops", "mlflow"))
+        if t
+    }.values()
+    assert mlflow_target["__address__"].endswith(":5000") and mlflow_target["__metrics_path__"] == "/metrics"
+
+
+def test_readme_creates_every_example_secret(secrets_example):
+    """Install step 2 creates each Secret of secrets.example.yaml, in its namespace, with its keys."""
+    readme = re.sub(r"\\\n\s*", " ", (K8S / "README.md").read_text())
+    for (ns, name), secret in secrets_example.items():
+        (line,) = [ln for ln in readme.splitlines() if re.search(rf"kubectl -n {ns} create secret \w+ {name}(\s|$)", ln)]
+        if secret["type"] == "Opaque":
+            for key in secret["stringData"]:
+                assert f"--from-literal={key}=" in line, f"README: {name} lacks key {key}"
 
 
 # --------------------------------------------------------------------------------------------
