@@ -23,7 +23,12 @@ def build_resources(settings: Settings) -> dict:
     else:
         metrics = ScrapeMetrics()
     if settings.env == KUBERNETES:
-        from mlops_assets.serving.kubernetes import PAYLOAD_SINK_URL, KubernetesPlatform
+        from mlops_assets.serving.kubernetes import (
+            ARTIFACTS_DESTINATION,
+            KSERVE_SERVICE_ACCOUNT,
+            PAYLOAD_SINK_URL,
+            KubernetesPlatform,
+        )
         from mlops_assets.serving.payload_sink import store_for
 
         if not settings.prometheus_url:
@@ -34,6 +39,8 @@ def build_resources(settings: Settings) -> dict:
                 namespace=settings.namespace,
                 in_cluster=True,
                 payload_sink_url=PAYLOAD_SINK_URL,
+                service_account=KSERVE_SERVICE_ACCOUNT,
+                artifacts_destination=ARTIFACTS_DESTINATION,
                 payload_store=store_for(settings.mlflow_tracking_uri) if settings.mlflow_tracking_uri.startswith("http") else "",
                 recent_window_s=settings.recent_window_s,
             ),

@@ -609,3 +609,39 @@ def test_a_lease_the_service_account_may_not_write_names_the_rule(cluster):
         KubernetesPermissionError, match="needs 'create' on leases.coordination.k8s.io in namespace mlops-serving"
     ):
         lock.acquire(LockInfo(NAME, "c", "r", "canary", "1", 0.0), is_running=lambda run: True)
+
+
+def test_the_cluster_gets_the_logger_the_service_account_and_a_storage_uri_kserve_can_read(cluster):
+    """MLflow's artifact proxy hands out mlflow-artifacts:/ URIs; KServe reads the bucket behind it."""
+    from pathlib import Path
+
+    import yaml
+
+    from mlops_assets.serving.kubernetes import ARTIFACTS_DESTINATION, KSERVE_SERVICE_ACCOUNT, PAYLOAD_SINK_URL
+
+    platform = KubernetesPlatform(
+        host=cluster.url,
+        namespace=NS,
+        poll_s=0.01,
+        ready_timeout_s=5,
+        payload_sink_url=PAYLOAD_SINK_URL,
+        service_account=KSERVE_SERVICE_ACCOUNT,
+        artifacts_destination=ARTIFACTS_DESTINATION,
+    )
+    manifest = build_inference_service(
+        Deployment(model_name="fraud_detector", version="1", storage_uri="mlflow-artifacts:/1/models/m-abc/artifacts")
+    )
+    platform.apply(manifest)
+    predictor = cluster.stored()["spec"]["predictor"]
+    assert predictor["model"]["storageUri"] == "s3://mlflow/1/models/m-abc/artifacts"
+    assert predictor["serviceAccountName"] == "kserve-s3"
+    assert predictor["logger"] == {"mode": "request", "url": "http://payload-sink.mlops-serving.svc.cluster.local"}
+    platform.apply(manifest)  # idempotent: the same manifest again cuts no new revision
+    assert platform.status(NAME).latest_ready == rev(1)
+    # The constants are what k8s/ deploys.
+    mlflow = next(
+        d
+        for d in yaml.safe_load_all((Path(__file__).parents[1] / "k8s/base/platform/mlflow.yaml").read_text())
+        if d["kind"] == "Deployment"
+    )
+    assert f"--artifacts-destination={ARTIFACTS_DESTINATION}" in mlflow["spec"]["template"]["spec"]["containers"][0]["args"]

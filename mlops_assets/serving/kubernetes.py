@@ -83,6 +83,10 @@ MAX_RECORDED_REVISIONS = 10
 VERBS = "get, list, create, patch and delete"
 #: The payload sink's Service in the cluster (k8s/base/serving/payload-sink.yaml).
 PAYLOAD_SINK_URL = "http://payload-sink.mlops-serving.svc.cluster.local"
+#: k8s/base/rbac/service-accounts.yaml: carries the S3 Secret KServe's storage initializer reads MinIO with.
+KSERVE_SERVICE_ACCOUNT = "kserve-s3"
+#: k8s/base/platform/mlflow.yaml: --artifacts-destination of the MLflow server.
+ARTIFACTS_DESTINATION = "s3://mlflow"
 
 
 class KubernetesPlatformError(RuntimeError):
@@ -134,16 +138,31 @@ class KubernetesPlatform(ServingPlatform):
     payload_sink_url: str = ""
     payload_store: str = ""  # where the sink writes its batches: payload_sink.store_for(the MLflow tracking URI)
     recent_window_s: float = 3600.0
+    # The ServiceAccount whose Secret gives KServe's storage initializer read access to the models ("" = none).
+    service_account: str = ""
+    # Where MLflow's artifact proxy (`--serve-artifacts`) stores artifacts: model URIs MLflow hands out as
+    # mlflow-artifacts:/<path> are given to KServe as <artifacts_destination>/<path>, which it can read.
+    artifacts_destination: str = ""
 
     # ---- the interface ------------------------------------------------------------------------
     def apply(self, manifest: dict) -> ServiceStatus:
-        manifest = check_inference_service(manifest)
-        if self.payload_sink_url and "logger" not in manifest["spec"]["predictor"]:
-            # KServe's payload logger: every request, as a CloudEvent, to the sink (the drift reports' data).
-            manifest = copy.deepcopy(manifest)
-            manifest["spec"]["predictor"]["logger"] = {"mode": "request", "url": self.payload_sink_url}
+        manifest = self._for_cluster(check_inference_service(manifest))
         with self._api() as api:
             return self._apply(api, manifest)
+
+    def _for_cluster(self, manifest: dict) -> dict:
+        """What this cluster adds to the platform-neutral manifest (idempotent: a re-applied manifest is unchanged)."""
+        manifest = copy.deepcopy(manifest)
+        predictor = manifest["spec"]["predictor"]
+        if self.payload_sink_url and "logger" not in predictor:
+            # KServe's payload logger: every request, as a CloudEvent, to the sink (the drift reports' data).
+            predictor["logger"] = {"mode": "request", "url": self.payload_sink_url}
+        if self.service_account and "serviceAccountName" not in predictor:
+            predictor["serviceAccountName"] = self.service_account
+        model = predictor["model"]
+        if self.artifacts_destination and model["storageUri"].startswith("mlflow-artifacts:"):
+            model["storageUri"] = proxied_to_destination(model["storageUri"], self.artifacts_destination)
+        return manifest
 
     def recent_payloads(self, name: str, columns: list[str], max_rows: int = 200_000):
         """The requests the payload sink stored in the last `recent_window_s` (newest last, at most `max_rows`)."""
@@ -514,6 +533,14 @@ class _Api:
 
 
 # ---- pure helpers: KServe's status, manifests and patches ---------------------------------------
+def proxied_to_destination(uri: str, destination: str) -> str:
+    """mlflow-artifacts:/1/m-x/artifacts (or mlflow-artifacts://host:port/1/...) -> <destination>/1/m-x/artifacts."""
+    rest = uri.removeprefix("mlflow-artifacts:")
+    if rest.startswith("//"):
+        rest = rest[2:].partition("/")[2]  # drop the proxy's host:port
+    return f"{destination.rstrip('/')}/{rest.lstrip('/')}"
+
+
 def _predictor_status(obj: dict) -> dict:
     return (((obj.get("status") or {}).get("components") or {}).get("predictor")) or {}
 

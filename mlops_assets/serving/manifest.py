@@ -73,7 +73,11 @@ def build_inference_service(d: Deployment) -> dict:
     validate_dns1035(d.namespace, "namespace")
     if not str(d.version).isdigit():
         raise ManifestError(f"model version must be a positive integer, got {d.version!r}")
-    if not d.storage_uri or "://" not in d.storage_uri:
+    # s3://, gs://, file:///, or MLflow's proxied mlflow-artifacts:/ (which KubernetesPlatform maps to its bucket).
+    if not d.storage_uri or not (
+        "://" in d.storage_uri
+        or (d.storage_uri.startswith("mlflow-artifacts:/") and len(d.storage_uri) > len("mlflow-artifacts:/"))
+    ):
         raise ManifestError(f"storage URI {d.storage_uri!r} must be a URI such as s3://bucket/path or file:///path")
     if d.protocol not in ("v1", "v2"):
         raise ManifestError(f"protocol must be 'v1' or 'v2', got {d.protocol!r}")
