@@ -155,7 +155,13 @@ def stop(record: ProcessRecord, timeout_s: float = 10.0) -> None:
         time.sleep(0.05)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(record.pid, signal.SIGKILL)
-    _reap(record.pid)
+    # SIGKILL is delivered asynchronously: return once the process is gone (reaped, if it is our child).
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        _reap(record.pid)
+        if not is_alive(record):
+            return
+        time.sleep(0.05)
 
 
 def _reap(pid: int) -> None:

@@ -139,7 +139,7 @@ def test_a_rollout_whose_run_died_is_reconciled_and_missing_traffic_never_promot
     the champion alias does not move."""
     import time
 
-    from mlops_assets.rollout.lock import LockInfo, RolloutLock
+    from mlops_assets.rollout.lock import LockInfo
     from mlops_assets.rollout.resources import RolloutPolicy
     from mlops_assets.serving.manifest import Deployment, build_inference_service
 
@@ -151,7 +151,7 @@ def test_a_rollout_whose_run_died_is_reconciled_and_missing_traffic_never_promot
             Deployment(model_name="fraud_detector", version="2", storage_uri=v2.download_uri, canary_percent=30)
         )
     )
-    RolloutLock(home / "serving", "fraud-detector").acquire(
+    LocalPlatform(home=str(home)).rollout_lock("fraud-detector").acquire(
         LockInfo("fraud-detector", "canary-dead", "run-that-died", "canary", "2", time.time()), is_running=lambda r: True
     )
     fast = {
@@ -178,4 +178,4 @@ def test_a_rollout_whose_run_died_is_reconciled_and_missing_traffic_never_promot
     }
     status = platform.status("fraud-detector")
     assert status.stable_version == "1" and status.percent_of(status.latest_rolledout) == 100
-    assert RolloutLock(home / "serving", "fraud-detector").holder() is None
+    assert LocalPlatform(home=str(home)).rollout_lock("fraud-detector").holder() is None
