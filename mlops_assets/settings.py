@@ -71,26 +71,24 @@ class Settings:
         return f"http://127.0.0.1:{self.mlflow_ui_port}"
 
 
-def _port(environ: Mapping[str, str], name: str) -> int:
+def _number(environ: Mapping[str, str], name: str, cast: type, what: str, valid, rule: str):
+    """`name` parsed with `cast` (default from VARIABLES), or a SettingsError naming the variable."""
     raw = environ.get(name, VARIABLES[name])
     try:
-        port = int(raw)
+        value = cast(raw)
     except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not a port number") from None
-    if not 1 <= port <= 65535:
-        raise SettingsError(f"{name}={port} is outside 1-65535")
-    return port
+        raise SettingsError(f"{name}={raw!r} is not {what}") from None
+    if not valid(value):
+        raise SettingsError(f"{name}={value} {rule}")
+    return value
+
+
+def _port(environ: Mapping[str, str], name: str) -> int:
+    return _number(environ, name, int, "a port number", lambda v: 1 <= v <= 65535, "is outside 1-65535")
 
 
 def _positive(environ: Mapping[str, str], name: str) -> float:
-    raw = environ.get(name, VARIABLES[name])
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not a number") from None
-    if value <= 0:
-        raise SettingsError(f"{name}={value} must be positive")
-    return value
+    return _number(environ, name, float, "a number", lambda v: v > 0, "must be positive")
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:

@@ -13,7 +13,6 @@ import dagster as dg
 import pytest
 
 from mlops_assets import processes
-from mlops_assets.cli import TrafficGenerator
 from mlops_assets.definitions import ALL_ASSETS, ALL_CHECKS
 from mlops_assets.models.registry import CHAMPION, MlflowRegistry
 from mlops_assets.models.training import Fault, train_and_register
@@ -24,6 +23,7 @@ from mlops_assets.resources import build_resources
 from mlops_assets.serving.manifest import Deployment, build_inference_service
 from mlops_assets.serving.platform import LocalPlatform
 from mlops_assets.settings import load_settings
+from mlops_assets.traffic import TrafficGenerator
 from mlops_assets_tests.conftest import processes_under
 
 pytestmark = pytest.mark.skipif(

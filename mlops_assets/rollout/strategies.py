@@ -126,14 +126,30 @@ def _watch(ctx: RolloutContext, analysis: CanaryAnalysis, candidate: str, stable
     return None
 
 
+def _deploy_candidate(
+    ctx: RolloutContext, manifest: dict, percent: int, strategy: str
+) -> tuple[ServiceStatus, str | None, str | None, RolloutResult | None]:
+    """Apply `manifest` with `percent` of traffic on its revision: (status, candidate, stable, result), the
+    result set (UNCHANGED) only when the manifest matches the serving revision, so there is nothing to roll out."""
+    status = ctx.platform.apply(_with_percent(manifest, percent))
+    candidate, stable = status.latest_ready, status.latest_rolledout
+    if candidate == stable:
+        return (
+            status,
+            candidate,
+            stable,
+            RolloutResult(strategy, UNCHANGED, candidate, stable, 0, 0, 0.0, "the manifest matches the serving revision"),
+        )
+    return status, candidate, stable, None
+
+
 def run_canary(ctx: RolloutContext, manifest: dict, thresholds: Thresholds) -> RolloutResult:
     """Ramp the new revision through `thresholds.steps`; promote or roll back on the evidence."""
     ctx.started = ctx.clock()
     analysis = CanaryAnalysis(thresholds, started_at=ctx.clock())
-    status = ctx.platform.apply(_with_percent(manifest, analysis.percent))
-    candidate, stable = status.latest_ready, status.latest_rolledout
-    if candidate == stable:
-        return RolloutResult("canary", UNCHANGED, candidate, stable, 0, 0, 0.0, "the manifest matches the serving revision")
+    status, candidate, stable, unchanged = _deploy_candidate(ctx, manifest, analysis.percent, "canary")
+    if unchanged is not None:
+        return unchanged
     start_counts = ctx.counts(status.url)
     ctx.event("canary_start", status, {"candidate": candidate, "stable": stable, "reason": "canary deployed"}, analysis.percent)
     current = {"percent": analysis.percent}
@@ -189,10 +205,9 @@ def run_blue_green(
     """Green at 0% next to blue; validate green through its `latest` tag route; switch all traffic
     at once; keep blue warm until the post-switch analysis passes; roll back instantly if not."""
     ctx.started = ctx.clock()
-    status = ctx.platform.apply(_with_percent(manifest, 0))
-    green, blue = status.latest_ready, status.latest_rolledout
-    if green == blue:
-        return RolloutResult("blue_green", UNCHANGED, green, blue, 0, 0, 0.0, "the manifest matches the serving revision")
+    status, green, blue, unchanged = _deploy_candidate(ctx, manifest, 0, "blue_green")
+    if unchanged is not None:
+        return unchanged
     start_counts = ctx.counts(status.url)
     ctx.event("green_deployed", status, {"green": green, "blue": blue, "reason": "green at 0%, blue serves"}, 0)
     tag_url = f"{status.url}/latest/v1/models/{ctx.isvc}:predict"
@@ -254,10 +269,9 @@ def run_ab_test(ctx: RolloutContext, manifest: dict, ab, split_percent: int = 50
     outcomes reported through the router's feedback endpoint, and stop when the always-valid
     p-value says so. B is shipped only on evidence that it is better; otherwise A stays."""
     ctx.started = ctx.clock()
-    status = ctx.platform.apply(_with_percent(manifest, split_percent))
-    b_rev, a_rev = status.latest_ready, status.latest_rolledout
-    if a_rev == b_rev:
-        return RolloutResult("ab_test", UNCHANGED, b_rev, a_rev, 0, 0, 0.0, "the manifest matches the serving revision")
+    status, b_rev, a_rev, unchanged = _deploy_candidate(ctx, manifest, split_percent, "ab_test")
+    if unchanged is not None:
+        return unchanged
     start = ctx.counts(status.url) or {}
     ctx.event(
         "ab_start",

@@ -11,6 +11,7 @@ The blocking checks `error_rate` and `p95_latency` then judge the result; only i
 import json
 import time
 import uuid
+from collections.abc import Callable
 
 import dagster as dg
 
@@ -18,7 +19,7 @@ from mlops_assets.models.assets import MODEL_NAMES
 from mlops_assets.models.registry import CHALLENGER, CHAMPION, MlflowRegistry
 from mlops_assets.rollout.resources import STRATEGIES, RolloutPolicy
 from mlops_assets.serving.manifest import Deployment, build_inference_service, isvc_name_for
-from mlops_assets.serving.metrics import MetricsSource, MetricsUnavailableError
+from mlops_assets.serving.metrics import MetricsSource, MetricsUnavailableError, RevisionCounts
 from mlops_assets.serving.platform import ServiceStatus, ServingPlatform, http_json
 
 GROUP = "serving"
@@ -323,6 +324,39 @@ def build_serving_asset(model_name: str) -> tuple[dg.AssetsDefinition, list[dg.A
         counts = metrics.revision_counts(isvc, status.url)
         return status, status.latest_ready, counts.get(status.latest_ready)
 
+    def _threshold_check(
+        context: dg.AssetCheckExecutionContext,
+        serving: ServingPlatform,
+        metrics: MetricsSource,
+        meta: dict,
+        kinds: set[str],
+        judge: Callable[[RevisionCounts | None], tuple[bool, dict] | None],
+        on_verdict: Callable[[RevisionCounts | None], dict] = lambda counts: {},
+    ) -> dg.AssetCheckResult:
+        """What the threshold checks share: unreadable metrics fail; a rollout that rolled the judged
+        revision back for one of `kinds` fails with its verdict; no requests yet is a warning, never a
+        pass; otherwise `judge(counts)` decides, as (passed, observed metadata)."""
+        query = metrics.describe_query(isvc)
+        try:
+            _, revision, counts = _judged_revision(serving, metrics)
+        except MetricsUnavailableError as exc:
+            return dg.AssetCheckResult(
+                passed=False, severity=dg.AssetCheckSeverity.ERROR, metadata={"error": str(exc), "query": query}
+            )
+        meta = {**meta, "query": query, "revision": revision or ""}
+        verdict = _rollout_verdict(context.instance, revision, kinds)
+        if verdict is not None:
+            return dg.AssetCheckResult(
+                passed=False, severity=dg.AssetCheckSeverity.ERROR, metadata={**meta, **on_verdict(counts), **verdict}
+            )
+        judged = judge(counts)
+        if judged is None:
+            return dg.AssetCheckResult(
+                passed=False, severity=dg.AssetCheckSeverity.WARN, metadata={**meta, "note": "no requests yet"}
+            )
+        passed, observed = judged
+        return dg.AssetCheckResult(passed=passed, severity=dg.AssetCheckSeverity.ERROR, metadata={**meta, **observed})
+
     @dg.asset_check(asset=key, name=CHECK_ERROR_RATE, blocking=True)
     def _error_rate(
         context: dg.AssetCheckExecutionContext, serving: ServingPlatform, metrics: MetricsSource, rollout_policy: RolloutPolicy
@@ -330,27 +364,25 @@ def build_serving_asset(model_name: str) -> tuple[dg.AssetsDefinition, list[dg.A
         """The newest revision's share of 5xx responses is within the policy's max_error_rate, and
         no rollout rolled it back for errors (its sequential tests see degradations that a point
         estimate against the threshold cannot)."""
-        query = metrics.describe_query(isvc)
-        try:
-            status, revision, counts = _judged_revision(serving, metrics)
-        except MetricsUnavailableError as exc:
-            return dg.AssetCheckResult(
-                passed=False, severity=dg.AssetCheckSeverity.ERROR, metadata={"error": str(exc), "query": query}
-            )
-        meta = {"threshold": rollout_policy.max_error_rate, "query": query, "revision": revision or ""}
-        verdict = _rollout_verdict(context.instance, revision, {"error_vs_baseline", "error_slo", "no_data_deadline"})
-        if verdict is not None:
-            observed = counts.error_rate if counts is not None and counts.requests else -1.0
-            return dg.AssetCheckResult(
-                passed=False, severity=dg.AssetCheckSeverity.ERROR, metadata={**meta, "observed": observed, **verdict}
-            )
-        if counts is None or counts.requests == 0:
-            return dg.AssetCheckResult(
-                passed=False, severity=dg.AssetCheckSeverity.WARN, metadata={**meta, "note": "no requests yet"}
-            )
-        meta.update({"observed": counts.error_rate, "requests": counts.requests, "errors": counts.errors})
-        return dg.AssetCheckResult(
-            passed=counts.error_rate <= rollout_policy.max_error_rate, severity=dg.AssetCheckSeverity.ERROR, metadata=meta
+        limit = rollout_policy.max_error_rate
+
+        def judge(counts: RevisionCounts | None) -> tuple[bool, dict] | None:
+            if counts is None or counts.requests == 0:
+                return None
+            return counts.error_rate <= limit, {
+                "observed": counts.error_rate,
+                "requests": counts.requests,
+                "errors": counts.errors,
+            }
+
+        return _threshold_check(
+            context,
+            serving,
+            metrics,
+            {"threshold": limit},
+            {"error_vs_baseline", "error_slo", "no_data_deadline"},
+            judge,
+            on_verdict=lambda counts: {"observed": counts.error_rate if counts is not None and counts.requests else -1.0},
         )
 
     @dg.asset_check(asset=key, name=CHECK_P95_LATENCY, blocking=True)
@@ -359,25 +391,16 @@ def build_serving_asset(model_name: str) -> tuple[dg.AssetsDefinition, list[dg.A
     ) -> dg.AssetCheckResult:
         """The newest revision's p95 latency (through the router) is within max_p95_latency_s, and
         no rollout rolled it back for latency."""
-        query = metrics.describe_query(isvc)
-        try:
-            status, revision, counts = _judged_revision(serving, metrics)
-        except MetricsUnavailableError as exc:
-            return dg.AssetCheckResult(
-                passed=False, severity=dg.AssetCheckSeverity.ERROR, metadata={"error": str(exc), "query": query}
-            )
-        meta = {"threshold_s": rollout_policy.max_p95_latency_s, "query": query, "revision": revision or ""}
-        verdict = _rollout_verdict(context.instance, revision, {"latency_vs_baseline", "latency_slo", "no_data_deadline"})
-        if verdict is not None:
-            return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.ERROR, metadata={**meta, **verdict})
-        p95 = counts.latency_quantile(0.95) if counts is not None else None
-        if p95 is None:
-            return dg.AssetCheckResult(
-                passed=False, severity=dg.AssetCheckSeverity.WARN, metadata={**meta, "note": "no requests yet"}
-            )
-        meta.update({"observed_s": p95, "requests": counts.requests})
-        return dg.AssetCheckResult(
-            passed=p95 <= rollout_policy.max_p95_latency_s, severity=dg.AssetCheckSeverity.ERROR, metadata=meta
+        limit = rollout_policy.max_p95_latency_s
+
+        def judge(counts: RevisionCounts | None) -> tuple[bool, dict] | None:
+            p95 = counts.latency_quantile(0.95) if counts is not None else None
+            if p95 is None:
+                return None
+            return p95 <= limit, {"observed_s": p95, "requests": counts.requests}
+
+        return _threshold_check(
+            context, serving, metrics, {"threshold_s": limit}, {"latency_vs_baseline", "latency_slo", "no_data_deadline"}, judge
         )
 
     return _serving, [_answers, _error_rate, _p95]
