@@ -151,12 +151,19 @@ class KServeController:
             return
         predictor["latestReadyRevision"] = created
         percent, rolled = raw["spec"]["predictor"].get(CANARY), predictor.get("latestRolledoutRevision")
+        # With serving.kserve.io/enable-tag-routing, Knative tags the targets and gives each its own URL.
+        routed = (raw["metadata"].get("annotations") or {}).get("serving.kserve.io/enable-tag-routing") == "true"
+
+        def tagged(tag: str) -> dict:
+            return {"tag": tag, "url": f"http://{tag}-{name}-predictor-{namespace}.mlops.example.com"} if routed else {}
+
         if percent is not None and rolled:
-            traffic = [{"revisionName": created, "latestRevision": True, "percent": percent}]
+            traffic = [{"revisionName": created, "latestRevision": True, "percent": percent, **tagged("latest")}]
             if percent < 100:
-                traffic.append({"revisionName": rolled, "latestRevision": False, "percent": 100 - percent, "tag": "prev"})
+                prev = tagged("prev") or {"tag": "prev"}
+                traffic.append({"revisionName": rolled, "latestRevision": False, "percent": 100 - percent, **prev})
         else:
-            traffic = [{"revisionName": created, "latestRevision": True, "percent": 100}]
+            traffic = [{"revisionName": created, "latestRevision": True, "percent": 100, **tagged("latest")}]
         if rolled != created and traffic[0]["percent"] == 100:
             if rolled:
                 predictor["previousRolledoutRevision"] = rolled
@@ -277,7 +284,7 @@ def test_deploy_creates_the_service_and_waits_until_ready(cluster, platform):
 
     assert status.ready and status.namespace == NS
     assert status.latest_created == status.latest_ready == status.latest_rolledout == rev(1)
-    assert status.traffic == [{"revisionName": rev(1), "percent": 100, "latestRevision": True}]
+    assert status.traffic == [{"revisionName": rev(1), "percent": 100, "latestRevision": True, "tag": "latest"}]
     assert status.stable_version == "1" and status.url == f"http://{NAME}-{NS}.mlops.example.com"
     assert status.revisions[rev(1)] == {"model_version": "1", "status": "ready", "storage_uri": uri("1"), "run_id": "run1"}
     # Over the wire: a GET that finds nothing, discovery, one POST of the manifest (in the platform's
@@ -326,7 +333,7 @@ def test_promote_makes_the_latest_revision_the_rolled_out_one(cluster, platform)
     assert cluster.patches()[-1] == {"spec": {"predictor": {CANARY: None}}}
     assert CANARY not in cluster.stored()["spec"]["predictor"]
     assert (status.latest_rolledout, status.previous_rolledout, status.canary_percent) == (rev(2), rev(1), None)
-    assert status.traffic == [{"revisionName": rev(2), "percent": 100, "latestRevision": True}]
+    assert status.traffic == [{"revisionName": rev(2), "percent": 100, "latestRevision": True, "tag": "latest"}]
     assert status.stable_version == "2" and status.revisions[rev(1)]["model_version"] == "1"
     assert sorted(cluster.controller.revisions[NAME]) == [rev(1), rev(2)]  # promoting cuts no revision
 
@@ -367,7 +374,7 @@ def test_rollback_after_a_promotion_reapplies_the_previous_spec(cluster, platfor
     assert cluster.storage_of(rev(3)) == uri("1")
     assert (status.latest_rolledout, status.previous_rolledout) == (rev(3), rev(2))
     assert status.stable_version == "1" and status.version_of(rev(2)) == "2"
-    assert status.traffic == [{"revisionName": rev(3), "percent": 100, "latestRevision": True}]
+    assert status.traffic == [{"revisionName": rev(3), "percent": 100, "latestRevision": True, "tag": "latest"}]
 
     with pytest.raises(RolloutStateError, match="already rolled back from"):
         platform.rollback(NAME)
@@ -645,3 +652,18 @@ def test_the_cluster_gets_the_logger_the_service_account_and_a_storage_uri_kserv
         if d["kind"] == "Deployment"
     )
     assert f"--artifacts-destination={ARTIFACTS_DESTINATION}" in mlflow["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_blue_green_reaches_green_through_kserves_tag_route(cluster, platform):
+    """The manifest turns KServe's tag routing on; green at 0% then has its own `latest-` URL, which is what
+    `run_blue_green` validates through (locally the router's /latest prefix plays that part)."""
+    platform.apply(manifest_for("1"))
+    status = platform.apply(manifest_for("2", canary=0))
+    assert cluster.stored()["metadata"]["annotations"]["serving.kserve.io/enable-tag-routing"] == "true"
+    assert status.percent_of(rev(2)) == 0 and status.percent_of(rev(1)) == 100
+    assert status.predict_url("v1", tag="latest") == (
+        f"http://latest-{NAME}-predictor-{NS}.mlops.example.com/v1/models/{NAME}:predict"
+    )
+    assert status.tag_urls["prev"] == f"http://prev-{NAME}-predictor-{NS}.mlops.example.com"
+    with pytest.raises(RolloutStateError, match="no 'blue' tag URL"):
+        status.predict_url("v1", tag="blue")

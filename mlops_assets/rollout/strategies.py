@@ -210,7 +210,7 @@ def run_blue_green(
         return unchanged
     start_counts = ctx.counts(status.url)
     ctx.event("green_deployed", status, {"green": green, "blue": blue, "reason": "green at 0%, blue serves"}, 0)
-    tag_url = f"{status.url}/latest/v1/models/{ctx.isvc}:predict"
+    tag_url = status.predict_url("v1", tag="latest")  # only green answers there (KServe's tag routing)
     codes = [_post(tag_url, validation_body) for _ in range(validation_requests)]
     errors = sum(c >= 500 for c in codes)
     after = ctx.counts(status.url)

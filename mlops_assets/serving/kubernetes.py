@@ -632,6 +632,8 @@ def _service_status(obj: dict) -> ServiceStatus:
         canary_percent=((obj.get("spec") or {}).get("predictor") or {}).get(CANARY),
         revisions=revisions,
         message="" if ready_now else _conditions_text(obj),
+        # With serving.kserve.io/enable-tag-routing, Knative gives each tagged traffic target its own URL.
+        tag_urls={t["tag"]: t["url"].rstrip("/") for t in predictor.get("traffic") or [] if t.get("tag") and t.get("url")},
     )
 
 

@@ -67,6 +67,9 @@ class Deployment:
     limits: dict[str, str] = field(default_factory=lambda: {"cpu": "1", "memory": "2Gi"})
 
 
+TAG_ROUTING = "serving.kserve.io/enable-tag-routing"
+
+
 def build_inference_service(d: Deployment) -> dict:
     """The `serving.kserve.io/v1beta1` InferenceService for `d` (pure; raises `ManifestError`)."""
     name = isvc_name_for(d.model_name)
@@ -112,6 +115,9 @@ def build_inference_service(d: Deployment) -> dict:
         f"{ANNOTATION_PREFIX}/model-uri": f"models:/{d.model_name}/{d.version}",
         f"{ANNOTATION_PREFIX}/rollout-id": d.rollout_id,
         f"{ANNOTATION_PREFIX}/triggered-by": d.triggered_by,
+        # KServe gives the latest and the previous revision their own hostnames (latest-..., prev-...):
+        # blue-green validates green there before it takes any user traffic.
+        TAG_ROUTING: "true",
     }
     return {
         "apiVersion": API_VERSION,

@@ -62,6 +62,8 @@ class ServiceStatus:
     canary_percent: int | None
     revisions: dict[str, dict] = field(default_factory=dict)
     message: str = ""
+    #: Tag -> base URL that reaches only that revision ("latest", "prev"): KServe's tag routing.
+    tag_urls: dict[str, str] = field(default_factory=dict)
 
     def percent_of(self, revision: str | None) -> int:
         return sum(t["percent"] for t in self.traffic if t["revisionName"] == revision)
@@ -73,8 +75,14 @@ class ServiceStatus:
     def stable_version(self) -> str | None:
         return self.version_of(self.latest_rolledout)
 
-    def predict_url(self, protocol: str = "v1") -> str:
-        return f"{self.url}/v1/models/{self.name}:predict" if protocol == "v1" else f"{self.url}/v2/models/{self.name}/infer"
+    def predict_url(self, protocol: str = "v1", tag: str | None = None) -> str:
+        """The predict endpoint; with `tag`, the one that reaches only that tagged revision."""
+        base = self.url if tag is None else self.tag_urls.get(tag)
+        if not base:
+            raise RolloutStateError(
+                f"{self.name} has no {tag!r} tag URL (tags: {sorted(self.tag_urls)}); is tag routing enabled?"
+            )
+        return f"{base}/v1/models/{self.name}:predict" if protocol == "v1" else f"{base}/v2/models/{self.name}/infer"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -498,10 +506,11 @@ class LocalPlatform(ServingPlatform):
             }
             for rev, info in state["revisions"].items()
         }
+        url = f"http://127.0.0.1:{state['router_port']}" if state.get("router_port") else ""
         return ServiceStatus(
             name=state["name"],
             namespace=state["namespace"],
-            url=f"http://127.0.0.1:{state['router_port']}" if state.get("router_port") else "",
+            url=url,
             ready=router_alive and not down and bool(serving),
             traffic=traffic,
             latest_created=state["latest_created"],
@@ -511,6 +520,8 @@ class LocalPlatform(ServingPlatform):
             canary_percent=state.get("canary_percent"),
             revisions=revisions,
             message=message,
+            # The router serves tags under a path prefix (it also honours KServe's latest-/prev- hostnames).
+            tag_urls={tag: f"{url}/{tag}" for tag in _tags(state)} if url else {},
         )
 
 
