@@ -6,10 +6,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from kubernetes.client import Configuration
+    from kubernetes.client import ApiClient, Configuration
+    from kubernetes.client.exceptions import ApiException
 
 
 class KubernetesConnectionError(RuntimeError):
@@ -40,6 +44,33 @@ def kube_configuration(host: str = "", in_cluster: bool = True, kubeconfig: str 
         except (config.ConfigException, OSError) as exc:
             raise KubernetesConnectionError(f"cannot load kubeconfig {kubeconfig or '(default)'}: {exc}") from exc
     return configuration
+
+
+@contextlib.contextmanager
+def api_client(
+    host: str, in_cluster: bool, kubeconfig: str, kube_context: str, error: type[Exception] = KubernetesConnectionError
+) -> Iterator[ApiClient]:
+    """One API client for one unit of work (its sockets closed after), or `error` saying what to set."""
+    from kubernetes import client
+
+    try:
+        configuration = kube_configuration(host, in_cluster, kubeconfig, kube_context)
+    except KubernetesConnectionError as exc:
+        raise error(str(exc)) from exc
+    with client.ApiClient(configuration) as api:
+        try:
+            yield api
+        finally:
+            api.rest_client.pool_manager.clear()  # do not leave sockets to the GC
+
+
+def api_message(exc: ApiException) -> str:
+    """The API server's own message in an error response (its Status `message`), or the body's start."""
+    body = exc.body.decode(errors="replace") if isinstance(exc.body, bytes) else str(exc.body or "")
+    try:
+        return json.loads(body).get("message") or body[:300]
+    except (ValueError, AttributeError):
+        return body.strip()[:300] or str(exc.reason)
 
 
 #: The tag K8sRunLauncher reads per job: merged over the Helm chart's `runK8sConfig` for that job's run pods.

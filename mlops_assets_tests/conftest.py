@@ -67,3 +67,17 @@ def versions(registry):
 @pytest.fixture(scope="session")
 def platform(mlops_home) -> LocalPlatform:
     return LocalPlatform(home=str(mlops_home), ready_timeout_s=90)
+
+
+@pytest.fixture(scope="session")
+def isvc_schema():
+    """KServe's InferenceService CRD schema (../shared/schemas/kserve/) as a validator; skipped where absent."""
+    import jsonschema
+    import yaml
+
+    if not SHARED_SCHEMA.exists():
+        pytest.skip(f"KServe CRD schema not found at {SHARED_SCHEMA}")
+    crd = yaml.load(SHARED_SCHEMA.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1beta1"]
+    # Built once: jsonschema.validate() would re-check this 2 MB schema on every call.
+    return jsonschema.Draft7Validator(version["schema"]["openAPIV3Schema"])

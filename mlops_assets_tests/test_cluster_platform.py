@@ -11,13 +11,10 @@ rendered by the project's kustomize.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import copy
 import socket
 import threading
 
-import attrs
 import dagster as dg
 import kmock
 import pytest
@@ -26,6 +23,7 @@ from mlops_assets.platform import cluster as cl
 from mlops_assets.platform.assets import READY_CHECKS, mlflow_backend_store, mlflow_server, prometheus
 from mlops_assets.platform.assets import artifact_store as artifact_store_asset
 from mlops_assets.platform.resources import ClusterPlatformServices
+from mlops_assets_tests.kmock_server import Emulator, KmockServer
 
 DEV = cl.K8S_DIR / "overlays" / "dev"
 PROD = cl.K8S_DIR / "overlays" / "prod"
@@ -62,51 +60,11 @@ class WorkloadControllers:
         obj["status"] = status
 
 
-@attrs.define(kw_only=True)
-class PlatformAPI(kmock.KubernetesEmulator):
-    """kmock's emulator answering create with 201, as a real API server does."""
-
-    async def _serve_create(self, request: kmock.Request) -> kmock.Response:
-        return kmock.Response(status=201, payload=await super()._serve_create(request))
-
-
-class FakeCluster:
-    """kmock on 127.0.0.1 in a thread with its own event loop."""
+class FakeCluster(KmockServer):
+    """kmock serving the kinds the platform pieces are made of."""
 
     def __init__(self, kinds: dict = KINDS) -> None:
-        self.kinds = kinds
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="kmock", daemon=True)
-        self._stack = contextlib.AsyncExitStack()
-
-    def __enter__(self) -> FakeCluster:
-        self._thread.start()
-
-        async def start():
-            api = PlatformAPI()
-            for (group, version, plural), kind in self.kinds.items():
-                api.resources[kmock.resource(group, version, plural)] = kmock.ResourceInfo(namespaced=True, kind=kind)
-            await self._stack.enter_async_context(api)
-            server = await self._stack.enter_async_context(kmock.Server(api))
-            return api, str(server.url).rstrip("/")
-
-        self.api, self.url = self._await(start())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._await(self._stack.aclose())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
-
-    def _await(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
-
-    def run(self, fn):
-        async def call():
-            return fn(self.api)
-
-        return self._await(call())
+        super().__init__(Emulator, {kmock.resource(*key): kind for key, kind in kinds.items()})
 
     def stored(self, resource, namespace: str, name: str) -> dict:
         return self.run(lambda api: copy.deepcopy(api.objects[resource, namespace, name].raw))

@@ -38,7 +38,6 @@ import pytest
 import yaml
 
 from mlops_assets.platform.kustomize import CLUSTER_SCOPED_KINDS, KustomizeError, load_yaml_docs, render, resource_id
-from mlops_assets_tests.conftest import SHARED_SCHEMA
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -221,15 +220,6 @@ def test_kubernetes_validate_really_rejects_a_broken_object(rendered):
     ].pop("resources")
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
-
-
-@pytest.fixture(scope="module")
-def isvc_schema() -> jsonschema.Draft7Validator:
-    if not SHARED_SCHEMA.exists():
-        pytest.skip(f"KServe CRD schema not found at {SHARED_SCHEMA}")
-    crd = yaml.load(SHARED_SCHEMA.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1beta1"]
-    return jsonschema.Draft7Validator(version["schema"]["openAPIV3Schema"])
 
 
 @pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))

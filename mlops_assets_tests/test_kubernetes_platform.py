@@ -22,8 +22,6 @@ clock, so a full canary takes well under a second.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import copy
 import dataclasses
 import json
@@ -31,8 +29,6 @@ import math
 import socket
 import subprocess
 import sys
-import threading
-from collections.abc import Callable
 
 import attrs
 import kmock
@@ -54,6 +50,7 @@ from mlops_assets.serving.kubernetes import (
 from mlops_assets.serving.manifest import Deployment, ManifestError, build_inference_service
 from mlops_assets.serving.metrics import MetricsSource, RevisionCounts
 from mlops_assets.serving.platform import RolloutStateError, UnknownServiceError
+from mlops_assets_tests.kmock_server import Emulator, KmockServer
 
 NS = "mlops-serving"
 NAME = "fraud-detector"
@@ -175,13 +172,10 @@ class KServeController:
 
 
 @attrs.define(kw_only=True)
-class KServeAPI(kmock.KubernetesEmulator):
+class KServeAPI(Emulator):
     """kmock's stateful emulator, answering create with 201 and running the controller."""
 
     controller: KServeController = attrs.field(factory=KServeController)
-
-    async def _serve_create(self, request: kmock.Request) -> kmock.Response:
-        return kmock.Response(status=201, payload=await super()._serve_create(request))
 
     async def _handle(self, request: kmock.Request):
         ours = request.resource == ISVC
@@ -200,46 +194,13 @@ class KServeAPI(kmock.KubernetesEmulator):
         return response
 
 
-class FakeCluster:
-    """kmock on 127.0.0.1 in a thread with its own event loop, plus thread-safe views of its state."""
+class FakeCluster(KmockServer):
+    """kmock with the KServe controller stand-in, plus thread-safe views of its state."""
 
     def __init__(self, kserve_installed: bool = True, gets_to_ready: int = 2) -> None:
         self.controller = KServeController(gets_to_ready)
-        self.kserve_installed = kserve_installed
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="kmock", daemon=True)
-        self._stack = contextlib.AsyncExitStack()
-
-    def __enter__(self) -> FakeCluster:
-        self._thread.start()
-
-        async def start() -> tuple[KServeAPI, str]:
-            api = KServeAPI(controller=self.controller)
-            if self.kserve_installed:  # the CRD: discovery lists the resource
-                api.resources[ISVC] = kmock.ResourceInfo(namespaced=True, kind="InferenceService")
-            await self._stack.enter_async_context(api)
-            server = await self._stack.enter_async_context(kmock.Server(api))
-            return api, str(server.url).rstrip("/")
-
-        self.api, self.url = self._await(start())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._await(self._stack.aclose())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
-
-    def _await(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
-
-    def run(self, fn: Callable[[KServeAPI], object]):
-        """Run `fn(api)` on the server's loop, so reads never race a request being handled."""
-
-        async def call():
-            return fn(self.api)
-
-        return self._await(call())
+        # The CRD: with KServe installed, discovery lists the resource.
+        super().__init__(lambda: KServeAPI(controller=self.controller), {ISVC: "InferenceService"} if kserve_installed else {})
 
     def stored(self, name: str = NAME) -> dict:
         return self.run(lambda api: copy.deepcopy(api.objects[ISVC, NS, name].raw))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import jsonschema
 import pytest
-import yaml
 
 from mlops_assets.serving.manifest import (
     Deployment,
@@ -14,19 +13,8 @@ from mlops_assets.serving.manifest import (
     isvc_name_for,
     validate_dns1035,
 )
-from mlops_assets_tests.conftest import SHARED_SCHEMA
 
 BASE = dict(model_name="fraud_detector", version="3", storage_uri="s3://mlflow/1/abc/artifacts/model", run_id="abc123")
-
-
-@pytest.fixture(scope="module")
-def isvc_schema() -> jsonschema.Draft7Validator:
-    if not SHARED_SCHEMA.exists():
-        pytest.skip(f"KServe CRD schema not found at {SHARED_SCHEMA}")
-    crd = yaml.load(SHARED_SCHEMA.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1beta1"]
-    # Built once: jsonschema.validate() would re-check this 2 MB schema on every call.
-    return jsonschema.Draft7Validator(version["schema"]["openAPIV3Schema"])
 
 
 @pytest.mark.parametrize(

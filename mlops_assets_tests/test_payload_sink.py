@@ -12,7 +12,6 @@ it would send (HTTP binary mode: the request body as data; `ce-type`, `ce-id`, `
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import urllib.error
 import urllib.request
@@ -23,6 +22,7 @@ import pytest
 
 from mlops_assets import processes
 from mlops_assets.models.data import FEATURES, generate_fraud_data
+from mlops_assets.platform import services
 from mlops_assets.serving.kubernetes import KubernetesPlatform, KubernetesPlatformError
 from mlops_assets.serving.payload_sink import store_for
 from mlops_assets.serving.payloads import v1_payload, v2_payload
@@ -40,28 +40,11 @@ def _spawn(cmd: list[str], home: Path, name: str, port: int, health: str, timeou
 def mlflow_proxy(tmp_path_factory):
     home = tmp_path_factory.mktemp("payload_store")
     port = processes.free_port()
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    cmd = [
-        str(mlflow_bin) if mlflow_bin.exists() else shutil.which("mlflow"),
-        "server",
-        "--backend-store-uri",
-        f"sqlite:///{home}/mlflow.db",
-        "--serve-artifacts",
-        "--artifacts-destination",
-        (home / "bucket").as_uri(),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
+    cmd = services.mlflow_server_command(
+        f"sqlite:///{home}/mlflow.db", port, "--serve-artifacts", "--artifacts-destination", (home / "bucket").as_uri()
+    )
     record = processes.spawn(
-        cmd,
-        port=port,
-        pid_file=home / "mlflow.pid",
-        log_file=home / "mlflow.log",
-        env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        cmd, port=port, pid_file=home / "mlflow.pid", log_file=home / "mlflow.log", env=services.MLFLOW_SERVER_ENV
     )
     processes.wait_http(record, "/health", 120, "MLflow server")
     yield home, store_for(f"http://127.0.0.1:{port}"), record

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mlops_assets.kube import KubernetesConnectionError, kube_configuration
+from mlops_assets.kube import api_client, api_message
 from mlops_assets.platform.kustomize import render
 
 if TYPE_CHECKING:
@@ -244,9 +244,7 @@ class _Api:
             ) from exc
 
     def _error(self, exc: Any, verb: str, doc: dict) -> ClusterApplyError:
-        from mlops_assets.serving.kubernetes import _api_message
-
-        said = _api_message(exc)
+        said = api_message(exc)
         group = doc["apiVersion"].split("/")[0] if "/" in doc["apiVersion"] else '""'
         namespace = doc["metadata"].get("namespace", "")
         if exc.status == 403:
@@ -272,17 +270,8 @@ class _Api:
 
 @contextlib.contextmanager
 def connect(host: str, in_cluster: bool, kubeconfig: str, kube_context: str, timeout_s: float) -> Iterator[_Api]:
-    from kubernetes import client
-
-    try:
-        configuration = kube_configuration(host, in_cluster, kubeconfig, kube_context)
-    except KubernetesConnectionError as exc:
-        raise ClusterApplyError(str(exc)) from exc
-    with client.ApiClient(configuration) as api_client:
-        try:
-            yield _Api(api_client, configuration.host, timeout_s)
-        finally:
-            api_client.rest_client.pool_manager.clear()
+    with api_client(host, in_cluster, kubeconfig, kube_context, ClusterApplyError) as client:
+        yield _Api(client, client.configuration.host, timeout_s)
 
 
 def apply_objects(api: _Api, docs: list[dict]) -> list[dict]:
@@ -313,6 +302,12 @@ def rows_markdown(rows: list[dict]) -> str:
         if len(row["diff"]) > 20:
             diff += f"<br>... {len(row['diff']) - 20} more"
         lines.append(f"| {row['object']} | {row['action']} | {diff} |")
+    return "\n".join(lines)
+
+
+def ready_markdown(rows: list[dict]) -> str:
+    lines = ["| object | ready | state |", "|---|---|---|"]
+    lines += [f"| {r['object']} | {r['ready']} | {r['state']} |" for r in rows]
     return "\n".join(lines)
 
 

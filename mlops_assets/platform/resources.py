@@ -163,7 +163,8 @@ class ClusterPlatformServices(PlatformServices):
         docs = cluster.render_piece(self.manifests, piece)
         with self._connect() as api:
             ready, rows = cluster.wait_ready(api, docs, self.ready_timeout_s, self.poll_s)
-        table = "| object | ready | state |\n|---|---|---|\n" + "\n".join(
-            f"| {r['object']} | {r['ready']} | {r['state']} |" for r in rows
-        )
-        return {"ready": ready, "objects": dg.MetadataValue.md(table), "waited_up_to_s": self.ready_timeout_s}
+        return {
+            "ready": ready,
+            "objects": dg.MetadataValue.md(cluster.ready_markdown(rows)),
+            "waited_up_to_s": self.ready_timeout_s,
+        }

@@ -39,6 +39,28 @@ def running(home: Path, name: str) -> processes.ProcessRecord | None:
     return record if record is not None and processes.is_alive(record) else None
 
 
+#: MLflow's server starts ~15 processes and 3 GB for job execution, which nothing here uses.
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+def mlflow_server_command(tracking_uri: str, port: int, *extra: str) -> list[str]:
+    """`mlflow server` on 127.0.0.1:`port` with one worker (the venv's own `mlflow`), plus `extra` options."""
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    return [
+        str(mlflow_bin) if mlflow_bin.exists() else "mlflow",
+        "server",
+        "--backend-store-uri",
+        tracking_uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        *extra,
+    ]
+
+
 def start_mlflow_ui(home: Path, tracking_uri: str, artifact_root: Path, port: int) -> processes.ProcessRecord:
     """The MLflow tracking server for its UI: loopback, one worker, no job execution."""
     record = running(home, "mlflow-server")
@@ -46,31 +68,21 @@ def start_mlflow_ui(home: Path, tracking_uri: str, artifact_root: Path, port: in
         return record
     processes.ensure_port_free(port)
     artifact_root.mkdir(parents=True, exist_ok=True)
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    cmd = [
-        str(mlflow_bin) if mlflow_bin.exists() else "mlflow",
-        "server",
-        "--backend-store-uri",
+    cmd = mlflow_server_command(
         tracking_uri,
+        port,
         "--default-artifact-root",
         artifact_root.as_uri(),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
         # /metrics for Prometheus, so the MLflowDown alert has something to watch.
         "--expose-prometheus",
         str(home / "mlflow" / "prometheus"),
-    ]
+    )
     record = processes.spawn(
         cmd,
         port=port,
         pid_file=_pid_file(home, "mlflow-server"),
         log_file=home / "logs" / "mlflow-server.log",
-        # The default server starts ~15 processes and 3 GB for job execution we do not use.
-        env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        env=MLFLOW_SERVER_ENV,
     )
     processes.wait_http(record, "/health", 90, "MLflow tracking server")
     return record

@@ -48,7 +48,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from mlops_assets.kube import KubernetesConnectionError, kube_configuration
+from mlops_assets.kube import api_client, api_message
 from mlops_assets.rollout.lock import LockInfo, RolloutInProgressError, RolloutLock, refusal
 from mlops_assets.serving.manifest import (
     ANNOTATION_PREFIX,
@@ -322,18 +322,9 @@ class KubernetesPlatform(ServingPlatform):
     # ---- the API client -----------------------------------------------------------------------
     @contextlib.contextmanager
     def _api(self) -> Iterator[_Api]:
-        from kubernetes import client
-
         validate_dns1035(self.namespace, "namespace")
-        try:
-            configuration = kube_configuration(self.host, self.in_cluster, self.kubeconfig, self.kube_context)
-        except KubernetesConnectionError as exc:
-            raise KubernetesPlatformError(str(exc)) from exc
-        with client.ApiClient(configuration) as api_client:
-            try:
-                yield _Api(api_client, self.namespace, configuration.host, self.request_timeout_s)
-            finally:
-                api_client.rest_client.pool_manager.clear()  # one client per call: do not leave sockets to the GC
+        with api_client(self.host, self.in_cluster, self.kubeconfig, self.kube_context, KubernetesPlatformError) as client:
+            yield _Api(client, self.namespace, client.configuration.host, self.request_timeout_s)
 
 
 class LeaseRolloutLock(RolloutLock):
@@ -372,10 +363,10 @@ class LeaseRolloutLock(RolloutLock):
             if exc.status == 403:
                 raise KubernetesPermissionError(
                     f"RBAC: the ServiceAccount needs {verb!r} on leases.coordination.k8s.io in namespace {namespace} "
-                    f"(Role mlops-rollout in k8s/base/rbac/roles.yaml). The API server said: {_api_message(exc)}"
+                    f"(Role mlops-rollout in k8s/base/rbac/roles.yaml). The API server said: {api_message(exc)}"
                 ) from exc
             raise KubernetesPlatformError(
-                f"{verb} Lease {self.name} in {namespace} failed: HTTP {exc.status} {exc.reason}: {_api_message(exc)}"
+                f"{verb} Lease {self.name} in {namespace} failed: HTTP {exc.status} {exc.reason}: {api_message(exc)}"
             ) from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise KubernetesUnreachableError(f"cannot reach the Kubernetes API server ({verb} Lease {self.name}): {exc}") from exc
@@ -492,7 +483,7 @@ class _Api:
 
     def _error(self, exc: ApiException, verb: str, name: str | None) -> Exception:
         what = f"{PLURAL}.{GROUP}" + (f" {name!r}" if name else "")
-        said = _api_message(exc)
+        said = api_message(exc)
         if exc.status == 403:
             return KubernetesPermissionError(
                 f"RBAC: the ServiceAccount needs {verb!r} on {PLURAL}.{GROUP} in namespace {self.namespace} "
@@ -753,11 +744,3 @@ def _diff(before: dict, after: dict) -> dict:
         elif key not in before or old != value:
             patch[key] = copy.deepcopy(value)
     return patch
-
-
-def _api_message(exc: ApiException) -> str:
-    body = exc.body.decode(errors="replace") if isinstance(exc.body, bytes) else str(exc.body or "")
-    try:
-        return json.loads(body).get("message") or body[:300]
-    except (ValueError, AttributeError):
-        return body.strip()[:300] or str(exc.reason)

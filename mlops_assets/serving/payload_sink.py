@@ -37,11 +37,11 @@ import uuid
 from pathlib import Path
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from mlops_assets.serving.manifest import ManifestError, validate_dns1035
-from mlops_assets.serving.wire import parse_drift_body, payload_line
+from mlops_assets.serving.wire import DriftGauges, parse_drift_body, payload_line
 
 log = logging.getLogger("mlops_assets.payload_sink")
 REQUEST_EVENT = "org.kubeflow.serving.inference.request"
@@ -75,7 +75,6 @@ class PayloadSink:
         self.store, self.sample_rate, self.flush_s, self.max_buffer_bytes = store, sample_rate, flush_s, max_buffer_bytes
         self.buffers: dict[str, collections.deque[bytes]] = {}
         self.buffered_bytes = 0
-        self._scored: dict[str, set[str]] = {}
         self._lock = asyncio.Lock()
         self._task: asyncio.Task | None = None
         self.registry = CollectorRegistry()
@@ -89,15 +88,7 @@ class PayloadSink:
         self.failures = Counter(
             "payload_sink_write_failures_total", "Batches that failed to upload", ["isvc"], registry=self.registry
         )
-        self.drift_score = Gauge(
-            "model_drift_score",
-            "Effect size of drift per feature (latest drift report)",
-            ["isvc", "feature"],
-            registry=self.registry,
-        )
-        self.drift_share = Gauge(
-            "model_drift_share", "Share of features drifting (latest drift report)", ["isvc"], registry=self.registry
-        )
+        self.drift = DriftGauges(self.registry)
 
     # ---- receiving ------------------------------------------------------------------------------
     async def receive(self, request: web.Request) -> web.Response:
@@ -169,12 +160,7 @@ class PayloadSink:
             share, features = parse_drift_body(await request.json())
         except (ManifestError, ValueError) as exc:
             return web.json_response({"error": str(exc)}, status=400)
-        for feature in self._scored.pop(isvc, set()):  # the latest report replaces the previous one
-            self.drift_score.remove(isvc, feature)
-        self._scored[isvc] = set(features)
-        for feature, score in features.items():
-            self.drift_score.labels(isvc, feature).set(score)
-        self.drift_share.labels(isvc).set(share)
+        self.drift.record(isvc, share, features)
         return web.json_response({"recorded": len(features)})
 
     async def metrics(self, request: web.Request) -> web.Response:

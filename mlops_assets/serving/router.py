@@ -26,10 +26,10 @@ from urllib.parse import urlsplit
 
 import httptools
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from mlops_assets.serving.wire import parse_drift_body, payload_line
+from mlops_assets.serving.wire import DriftGauges, parse_drift_body, payload_line
 
 TAGS = ("latest", "prev")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -271,15 +271,7 @@ class Router:
             ["isvc", "revision", "outcome"],
             registry=self.registry,
         )
-        self.drift_score = Gauge(
-            "model_drift_score",
-            "Effect size of drift per feature (latest drift report)",
-            ["isvc", "feature"],
-            registry=self.registry,
-        )
-        self.drift_share = Gauge(
-            "model_drift_share", "Share of features drifting (latest drift report)", ["isvc"], registry=self.registry
-        )
+        self.drift = DriftGauges(self.registry)
         self.pool: _UpstreamPool | None = None
         self.set_routes(json.loads(routes_file.read_text()))
 
@@ -382,10 +374,7 @@ class Router:
             share, features = parse_drift_body(await request.json())
         except ValueError as exc:
             return web.json_response({"error": str(exc)}, status=400)
-        self.drift_score.clear()
-        for feature, score in features.items():
-            self.drift_score.labels(self.isvc, feature).set(score)
-        self.drift_share.labels(self.isvc).set(share)
+        self.drift.record(self.isvc, share, features)
         return web.json_response({"recorded": len(features)})
 
     async def payloads(self, request: web.Request) -> web.Response:

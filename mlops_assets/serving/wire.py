@@ -1,5 +1,5 @@
-"""The few byte formats the serving processes share, with no heavy imports (routers and the payload
-sink import this; pandas stays out of them)."""
+"""What the serving processes share (the local routers and the cluster's payload sink), with no heavy
+imports: pandas stays out of them."""
 
 from __future__ import annotations
 
@@ -16,3 +16,26 @@ def parse_drift_body(body) -> tuple[float, dict[str, float]]:
         return float(body["share"]), {str(k): float(v) for k, v in body["features"].items()}
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f'expected {{"share": float, "features": {{name: float}}}}: {exc}') from None
+
+
+class DriftGauges:
+    """`model_drift_share{isvc}` and `model_drift_score{isvc,feature}`: the latest drift report of each
+    InferenceService, posted by `monitoring/<name>_drift`, for the ModelDriftDetected alert."""
+
+    def __init__(self, registry) -> None:
+        from prometheus_client import Gauge
+
+        self.score = Gauge(
+            "model_drift_score", "Effect size of drift per feature (latest drift report)", ["isvc", "feature"], registry=registry
+        )
+        self.share = Gauge("model_drift_share", "Share of features drifting (latest drift report)", ["isvc"], registry=registry)
+        self._features: dict[str, set[str]] = {}
+
+    def record(self, isvc: str, share: float, features: dict[str, float]) -> None:
+        """The latest report replaces the previous one of `isvc` (features no longer scored disappear)."""
+        for feature in self._features.pop(isvc, set()):
+            self.score.remove(isvc, feature)
+        self._features[isvc] = set(features)
+        for feature, score in features.items():
+            self.score.labels(isvc, feature).set(score)
+        self.share.labels(isvc).set(share)
