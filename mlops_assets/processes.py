@@ -50,6 +50,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def port_is_free(port: int) -> bool:
+    """No live listener holds 127.0.0.1:`port` (TIME_WAIT leftovers do not count)."""
+    try:
+        ensure_port_free(port)
+    except PortInUseError:
+        return False
+    return True
+
+
 def ensure_port_free(port: int) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         # As the servers themselves do: TIME_WAIT leftovers are fine, a live listener is not.

@@ -209,7 +209,28 @@ def test_a_revision_that_cannot_start_gets_no_traffic(platform, versions, tmp_pa
     assert {c for _, c in fire(after.predict_url(), 20)} == {200}
 
 
+def test_a_killed_router_is_restarted_by_the_supervisor_on_the_same_url(platform):
+    """Nobody reconciles: the supervisor notices within its interval and restarts the router."""
+    before = platform.status(ISVC)
+    record = processes.read_record(platform._dir(ISVC) / "router.pid")
+    os.kill(record.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+
+    def restarts() -> int:
+        return platform.supervisor_status().get("services", {}).get(ISVC, {}).get("router", {}).get("restarts", 0)
+
+    already = restarts()
+    while restarts() == already and time.monotonic() < deadline:
+        time.sleep(0.2)
+    after = platform.status(ISVC)
+    assert after.ready and after.url == before.url and after.traffic == before.traffic
+    assert processes.read_record(platform._dir(ISVC) / "router.pid").pid != record.pid
+    assert {c for _, c in fire(after.predict_url(), 20)} == {200}
+    assert restarts() == already + 1
+
+
 def test_a_killed_router_is_reconciled_on_the_same_url_without_losing_state(platform, mlops_home):
+    platform.stop_supervisor()  # an explicit reconcile, as after `mlops-assets stop`
     before = platform.status(ISVC)
     record = processes.read_record(platform._dir(ISVC) / "router.pid")
     os.kill(record.pid, signal.SIGKILL)
@@ -223,6 +244,7 @@ def test_a_killed_router_is_reconciled_on_the_same_url_without_losing_state(plat
 
 
 def test_a_taken_port_is_a_clear_error_and_loses_nothing(platform):
+    platform.stop_supervisor()  # or it would retry (with backoff) while the port is squatted
     before = platform.status(ISVC)
     port = int(before.url.rsplit(":", 1)[1])
     processes.stop(processes.read_record(platform._dir(ISVC) / "router.pid"))

@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
+import socket
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -35,6 +37,25 @@ class LockInfo:
     strategy: str
     version: str
     started: float
+    #: The process running the rollout and its host, so a supervisor on that host can tell a rollout
+    #: whose process died (SIGKILL, OOM) from one still watching its canary. 0 / "" when unknown.
+    pid: int = 0
+    host: str = ""
+
+    def owner_dead(self) -> bool:
+        """True when the owning process ran on this host and is gone (never guessed across hosts)."""
+        if not self.pid or self.host != socket.gethostname():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        try:  # a zombie has exited too
+            return Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            return True
 
 
 def refusal(isvc: str, current: LockInfo) -> RolloutInProgressError:

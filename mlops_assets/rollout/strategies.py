@@ -4,7 +4,9 @@ Each strategy applies traffic changes with KServe semantics, reads per-revision 
 `MetricsSource`, lets the sequential analysis decide, and reports every traffic change through
 `emit` with the evidence behind it (the Dagster layer turns those into asset events). Metrics that
 cannot be read are never taken as success: the analysis holds and, past its deadline, rolls back.
-A strategy never promotes on a timeout.
+A strategy never promotes on a timeout. Whatever goes wrong inside a strategy (an exception, the
+run being interrupted, the candidate's server going down) leaves the candidate at 0% before the
+strategy returns or raises: a canary never keeps traffic with nobody watching it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from mlops_assets.rollout.analysis import CanaryAnalysis, Decision, Thresholds, WindowCounts
+from mlops_assets.rollout.analysis import CanaryAnalysis, Decision, Thresholds, Verdict, WindowCounts
 from mlops_assets.serving.metrics import MetricsSource, MetricsUnavailableError, RevisionCounts
 from mlops_assets.serving.platform import ServiceStatus, ServingPlatform
 
@@ -39,8 +41,10 @@ class RolloutResult:
     outcome: str
     candidate_revision: str | None
     stable_revision: str | None
-    candidate_failed_requests: int
-    stable_failed_requests: int
+    #: Failed requests per revision during the rollout; None when the final metrics could not be
+    #: read (unknown is not zero).
+    candidate_failed_requests: int | None
+    stable_failed_requests: int | None
     duration_s: float
     reason: str
     evidence: dict = field(default_factory=dict)
@@ -58,6 +62,11 @@ class RolloutContext:
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
     started: float = 0.0
+    #: Set by the strategy: the revision under test, and whether its fate was decided (promoted or
+    #: rolled back on purpose) so the failure guard must not undo it.
+    candidate: str | None = None
+    stable_before: str | None = None
+    decided: bool = False
 
     def elapsed(self) -> float:
         return self.clock() - self.started
@@ -72,6 +81,43 @@ class RolloutContext:
         except MetricsUnavailableError as exc:
             self.log(f"{self.isvc}: metrics unavailable ({exc}); holding")
             return None
+        except Exception as exc:  # noqa: BLE001 - any unreadable answer is "no data", never success
+            self.log(f"{self.isvc}: metrics unavailable ({type(exc).__name__}: {exc}); holding")
+            return None
+
+
+class CandidateNotRolledBackError(RuntimeError):
+    """A strategy failed and so did the rollback of its candidate: the rollout lock must stay
+    taken, so the next rollout treats this one as dead and rolls the service back first."""
+
+
+def guarded(strategy: Callable[..., RolloutResult]) -> Callable[..., RolloutResult]:
+    """Run a strategy so that any exception (or interruption) inside it first rolls its candidate
+    back to 0%, with an event saying why, then propagates."""
+
+    def run(ctx: RolloutContext, *args, **kwargs) -> RolloutResult:
+        try:
+            return strategy(ctx, *args, **kwargs)
+        except BaseException as exc:
+            if ctx.candidate is None or ctx.decided:
+                raise
+            try:
+                status = ctx.platform.status(ctx.isvc)
+                if status.percent_of(ctx.candidate) > 0 and ctx.candidate != ctx.stable_before:
+                    status = ctx.platform.rollback(ctx.isvc)
+                    reason = f"{strategy.__name__} failed ({type(exc).__name__}: {exc}); candidate rolled back to 0%"
+                    ctx.event("rollback", status, {"reason": reason, "failure": repr(exc)[:500]}, 0)
+            except Exception as rollback_exc:
+                raise CandidateNotRolledBackError(
+                    f"{ctx.isvc}: {strategy.__name__} failed ({exc!r}) and rolling candidate {ctx.candidate} back "
+                    f"failed too ({rollback_exc!r}); the next rollout of {ctx.isvc} will roll it back first"
+                ) from exc
+            raise
+
+    run.__name__, run.__doc__ = strategy.__name__, strategy.__doc__
+    return run
+
+
 
 
 def _with_percent(manifest: dict, percent: int | None) -> dict:
@@ -103,9 +149,31 @@ def _window(now, before, candidate, stable, slow_s) -> WindowCounts:
     )
 
 
-def _failed(ctx: RolloutContext, start_counts, url: str, rev: str | None) -> int:
+def _failed(ctx: RolloutContext, start_counts, url: str, rev: str | None) -> int | None:
+    """Failed requests on `rev` since `start_counts`; None when either snapshot is missing."""
+    if rev is None:
+        return 0
     now = ctx.counts(url)
-    return _diff(now, start_counts or {}, rev).errors if (now is not None and rev) else 0
+    if now is None or start_counts is None:
+        return None
+    return _diff(now, start_counts, rev).errors
+
+
+def _plus(a: int | None, b: int | None) -> int | None:
+    return None if a is None or b is None else a + b
+
+
+def _candidate_down(ctx: RolloutContext, candidate: str) -> str | None:
+    """Why the candidate cannot be judged any more (its server is down), or None."""
+    try:
+        status = ctx.platform.status(ctx.isvc)
+    except Exception as exc:  # noqa: BLE001 - the platform's view is unavailable: hold, as with metrics
+        ctx.log(f"{ctx.isvc}: status unavailable ({exc}); holding")
+        return None
+    state = (status.revisions.get(candidate) or {}).get("status")
+    if state in ("down", "failed"):
+        return f"candidate revision {candidate} is {state}: {status.message or 'its server is not running'}"
+    return None
 
 
 def _watch(ctx: RolloutContext, analysis: CanaryAnalysis, candidate: str, stable: str, url: str, slow_s: float, on_step):
@@ -121,6 +189,11 @@ def _watch(ctx: RolloutContext, analysis: CanaryAnalysis, candidate: str, stable
             before = now
         if verdict.decision in (Decision.PROMOTE, Decision.ROLLBACK):
             return verdict
+        down = _candidate_down(ctx, candidate)
+        if down is not None:
+            # The router has ejected it and serves its share from the stable revision; a candidate that
+            # crashes under real traffic has failed, so do not wait for the no-data deadline.
+            return Verdict(Decision.ROLLBACK, down, 0, {**verdict.evidence, "fired": ["candidate_down"]})
         if verdict.decision == Decision.CONTINUE and on_step is not None:
             on_step(verdict)
     return None
@@ -131,8 +204,15 @@ def _deploy_candidate(
 ) -> tuple[ServiceStatus, str | None, str | None, RolloutResult | None]:
     """Apply `manifest` with `percent` of traffic on its revision: (status, candidate, stable, result), the
     result set (UNCHANGED) only when the manifest matches the serving revision, so there is nothing to roll out."""
+    try:
+        ctx.stable_before = ctx.platform.status(ctx.isvc).latest_rolledout
+    except Exception:  # noqa: BLE001 - a first deployment has no stable revision
+        ctx.stable_before = None
+    ctx.candidate = None
     status = ctx.platform.apply(_with_percent(manifest, percent))
     candidate, stable = status.latest_ready, status.latest_rolledout
+    if candidate != stable:
+        ctx.candidate = candidate
     if candidate == stable:
         return (
             status,
@@ -143,6 +223,7 @@ def _deploy_candidate(
     return status, candidate, stable, None
 
 
+@guarded
 def run_canary(ctx: RolloutContext, manifest: dict, thresholds: Thresholds) -> RolloutResult:
     """Ramp the new revision through `thresholds.steps`; promote or roll back on the evidence."""
     ctx.started = ctx.clock()
@@ -167,6 +248,7 @@ def run_canary(ctx: RolloutContext, manifest: dict, thresholds: Thresholds) -> R
     else:
         status = ctx.platform.rollback(ctx.isvc)
         outcome, kind, percent = ROLLED_BACK, "rollback", 0
+    ctx.decided = True
     reason = verdict.reason if verdict is not None else f"no decision within {ctx.timeout_s:.0f}s: rolled back, never promoted"
     evidence = {"reason": reason, **(verdict.evidence if verdict is not None else {})}
     ctx.event(kind, status, evidence, percent)
@@ -195,6 +277,7 @@ def _post(url: str, body: bytes, headers: dict | None = None, timeout: float = 1
         return 599
 
 
+@guarded
 def run_blue_green(
     ctx: RolloutContext,
     manifest: dict,
@@ -232,6 +315,7 @@ def run_blue_green(
     )
     if not valid:
         status = ctx.platform.rollback(ctx.isvc)
+        ctx.decided = True
         reason = "green failed validation through its tag route; blue never stopped serving"
         ctx.event("rollback", status, {"reason": reason, **evidence}, 0)
         return RolloutResult("blue_green", ROLLED_BACK, green, blue, errors, 0, round(ctx.elapsed(), 2), reason, evidence)
@@ -251,12 +335,13 @@ def run_blue_green(
         reason = verdict.reason if verdict is not None else "post-switch analysis reached no decision: rolled back to blue"
         ctx.event("rollback", status, {"reason": reason, **post_evidence}, 0)
         outcome = ROLLED_BACK
+    ctx.decided = True
     return RolloutResult(
         "blue_green",
         outcome,
         green,
         blue,
-        errors + _failed(ctx, start_counts, status.url, green),
+        _plus(errors, _failed(ctx, start_counts, status.url, green)),
         _failed(ctx, start_counts, status.url, blue),
         round(ctx.elapsed(), 2),
         reason,
@@ -264,6 +349,7 @@ def run_blue_green(
     )
 
 
+@guarded
 def run_ab_test(ctx: RolloutContext, manifest: dict, ab, split_percent: int = 50) -> RolloutResult:
     """Split users stickily between A (the rolled-out revision) and B (the new one), read success
     outcomes reported through the router's feedback endpoint, and stop when the always-valid
@@ -305,6 +391,7 @@ def run_ab_test(ctx: RolloutContext, manifest: dict, ab, split_percent: int = 50
         status = ctx.platform.rollback(ctx.isvc)
         outcome, kind, percent = ROLLED_BACK, "rollback", 0
         reason = "A is better" if recommendation == "keep_a" else "no significant difference by the deadline: A stays"
+    ctx.decided = True
     ctx.event(kind, status, {"reason": reason, "recommendation": recommendation, **evidence}, percent)
     return RolloutResult(
         "ab_test",

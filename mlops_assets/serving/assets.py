@@ -9,6 +9,8 @@ The blocking checks `error_rate` and `p95_latency` then judge the result; only i
 """
 
 import json
+import os
+import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -38,11 +40,14 @@ class ServingConfig(dg.Config):
 
 
 def traffic_table(status: ServiceStatus) -> str:
-    lines = ["| revision | model version | percent | tag | state |", "|---|---|---|---|---|"]
+    lines = ["| revision | model version | percent | tag | state | restarts |", "|---|---|---|---|---|---|"]
     for entry in status.traffic:
         rev = entry["revisionName"]
-        state = status.revisions[rev]["status"]
-        lines.append(f"| {rev} | {status.version_of(rev)} | {entry['percent']} | {entry.get('tag', '-')} | {state} |")
+        info = status.revisions[rev]
+        lines.append(
+            f"| {rev} | {status.version_of(rev)} | {entry['percent']} | {entry.get('tag', '-')} | {info['status']} "
+            f"| {info.get('restarts', 0)} |"
+        )
     return "\n".join(lines)
 
 
@@ -58,6 +63,8 @@ def status_metadata(status: ServiceStatus) -> dict:
         "previous_rolledout_revision": status.previous_rolledout or "",
         "canary_percent": status.canary_percent if status.canary_percent is not None else -1,
         "traffic": dg.MetadataValue.md(traffic_table(status)),
+        # Down revisions, restarts that failed (with their logs): empty when all is well.
+        "health": status.message or "ok",
     }
 
 
@@ -77,6 +84,11 @@ def _evidence_metadata(evidence: dict) -> dict:
             flat[f"evidence/{key}"] = "" if value is None else value
     flat["evidence"] = dg.MetadataValue.json(json.loads(json.dumps(evidence, default=str)))
     return flat
+
+
+def _count_or_unknown(count: int | None) -> int | str:
+    """A failed-request count for metadata: unknown (metrics unreadable) is not zero."""
+    return "unknown (metrics could not be read)" if count is None else count
 
 
 def _run_is_active(instance: dg.DagsterInstance, run_id: str) -> bool:
@@ -145,7 +157,13 @@ def build_serving_asset(model_name: str) -> tuple[dg.AssetsDefinition, list[dg.A
 
     def _rollout(context, config, mlflow, serving, metrics, policy) -> dg.MaterializeResult:
         from mlops_assets.rollout.lock import LockInfo
-        from mlops_assets.rollout.strategies import RolloutContext, run_ab_test, run_blue_green, run_canary
+        from mlops_assets.rollout.strategies import (
+            CandidateNotRolledBackError,
+            RolloutContext,
+            run_ab_test,
+            run_blue_green,
+            run_canary,
+        )
 
         if config.strategy == "rollback":
             return _alert_rollback(context, config, mlflow, serving, metrics)
@@ -156,8 +174,11 @@ def build_serving_asset(model_name: str) -> tuple[dg.AssetsDefinition, list[dg.A
         )
         rollout_id = f"{config.strategy}-{model_name}-v{version.version}-{uuid.uuid4().hex[:6]}"
         lock = serving.rollout_lock(isvc)
-        info = LockInfo(isvc, rollout_id, context.run_id, config.strategy, version.version, time.time())
+        info = LockInfo(
+            isvc, rollout_id, context.run_id, config.strategy, version.version, time.time(), os.getpid(), socket.gethostname()
+        )
         stale = lock.acquire(info, lambda run_id: _run_is_active(context.instance, run_id))
+        release = True
         try:
             if stale is not None:
                 status = serving.status(isvc)
@@ -228,8 +249,13 @@ def build_serving_asset(model_name: str) -> tuple[dg.AssetsDefinition, list[dg.A
                 result = run_ab_test(
                     ctx, manifest, ABTest(alpha=policy.ab_alpha, base_rate=policy.ab_base_rate, lift=policy.ab_min_lift)
                 )
+        except CandidateNotRolledBackError:
+            # Keep the lock: the next rollout sees a dead owner and rolls the service back first.
+            release = False
+            raise
         finally:
-            lock.release(info)
+            if release:
+                lock.release(info)
         mlflow.set_version_tag(model_name, version.version, f"rollout.{config.strategy}", result.outcome)
         status = serving.status(isvc)
         context.log.info(f"{rollout_id}: {result.outcome} after {result.duration_s:.1f}s ({result.reason})")
@@ -241,8 +267,8 @@ def build_serving_asset(model_name: str) -> tuple[dg.AssetsDefinition, list[dg.A
                 "strategy": config.strategy,
                 "candidate_version": version.version,
                 "candidate_revision": result.candidate_revision or "",
-                "candidate_failed_requests": result.candidate_failed_requests,
-                "stable_failed_requests": result.stable_failed_requests,
+                "candidate_failed_requests": _count_or_unknown(result.candidate_failed_requests),
+                "stable_failed_requests": _count_or_unknown(result.stable_failed_requests),
                 "time_to_decision_s": result.duration_s,
                 "reason": result.reason,
                 **_evidence_metadata(result.evidence),

@@ -8,6 +8,7 @@ the Istio sidecars (`istio`). Counters are cumulative; a window is the differenc
 
 from __future__ import annotations
 
+import http.client
 import math
 import re
 import urllib.error
@@ -126,12 +127,18 @@ class ScrapeMetrics(MetricsSource):
     timeout_s: float = 5.0
 
     def revision_counts(self, isvc: str, router_url: str) -> dict[str, RevisionCounts]:
+        url = f"{router_url}/metrics"
         try:
-            with urllib.request.urlopen(f"{router_url}/metrics", timeout=self.timeout_s) as resp:
+            with urllib.request.urlopen(url, timeout=self.timeout_s) as resp:
+                content_type = resp.headers.get("content-type", "")
                 text = resp.read().decode()
-        except (urllib.error.URLError, OSError) as exc:
-            raise MetricsUnavailableError(f"cannot scrape {router_url}/metrics for {isvc}: {exc}") from exc
-        return parse_router_metrics(text)
+            if not content_type.startswith(("text/plain", "application/openmetrics-text")):
+                raise ValueError(f"content-type {content_type!r} is not Prometheus' text format")
+            return parse_router_metrics(text)
+        # Every way a read can fail (refused, timeout, HTTP error, a truncated body, an HTML page,
+        # bytes that do not parse) is "no data": never an exception that ends a rollout unwatched.
+        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError, KeyError) as exc:
+            raise MetricsUnavailableError(f"cannot read {url} for {isvc}: {type(exc).__name__}: {exc}") from exc
 
     def describe_query(self, isvc: str) -> str:
         return f"scrape of the {isvc} router's /metrics: mlops_router_requests_total, mlops_router_request_duration_seconds"
@@ -270,11 +277,19 @@ class PrometheusMetrics(MetricsSource):
         try:
             with urllib.request.urlopen(url, timeout=self.timeout_s) as resp:
                 body = json.loads(resp.read())
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+            if not isinstance(body, dict):
+                raise ValueError(f"answer is a JSON {type(body).__name__}, not an object")
+        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
             raise MetricsUnavailableError(f"Prometheus at {self.url} did not answer {promql!r}: {exc}") from exc
         if body.get("status") != "success":
             raise MetricsUnavailableError(f"Prometheus rejected {promql!r}: {body.get('error')}")
-        return body["data"]["result"]
+        try:
+            result = body["data"]["result"]
+            if not isinstance(result, list):
+                raise TypeError("data.result is not a list")
+        except (KeyError, TypeError) as exc:
+            raise MetricsUnavailableError(f"Prometheus at {self.url} answered {promql!r} with no data.result: {exc}") from exc
+        return result
 
     def queries(self, isvc: str) -> dict[str, str]:
         """PromQL per kind of count ("requests", "latency", and "feedback" for the router only)."""
@@ -307,6 +322,12 @@ class PrometheusMetrics(MetricsSource):
 
     def revision_counts(self, isvc: str, router_url: str) -> dict[str, RevisionCounts]:
         q = self.queries(isvc)
+        try:
+            return self._counts(q)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise MetricsUnavailableError(f"Prometheus at {self.url} answered with malformed samples: {exc!r}") from exc
+
+    def _counts(self, q: dict[str, str]) -> dict[str, RevisionCounts]:
         spec = self.spec
         out: dict[str, RevisionCounts] = {}
         rev = spec.revision_label

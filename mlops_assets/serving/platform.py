@@ -19,6 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,6 +45,14 @@ class UnknownServiceError(LookupError):
 
 class RolloutStateError(RuntimeError):
     """The requested traffic change makes no sense in the service's current state."""
+
+
+class RevisionStartError(processes.ProcessStartError):
+    """A revision's model server did not come up; names the revision and its log."""
+
+    def __init__(self, revision: str, log: str, detail: str) -> None:
+        super().__init__(f"revision {revision} could not start (log {log}): {detail}")
+        self.revision, self.log = revision, log
 
 
 @dataclass
@@ -219,9 +228,13 @@ class LocalPlatform(ServingPlatform):
             return None
 
     # ---- processes ----------------------------------------------------------------------------
-    def _start_revision(self, directory: Path, state: dict, revision: str) -> None:
+    def _spawn_revision(self, directory: Path, state: dict, revision: str) -> processes.ProcessRecord:
+        """Start a revision's model server (on its recorded port when that is free, so the router's
+        table stays valid) without waiting for it; the caller waits outside the service lock."""
         rev = state["revisions"][revision]
-        port = processes.free_port()
+        port = rev.get("port")
+        if not port or not processes.port_is_free(port):
+            port = processes.free_port()
         config = {"model_name": state["name"], "storage_uri": rev["storage_uri"], "port": port}
         config_file = directory / "revisions" / f"{revision}.json"
         config_file.parent.mkdir(parents=True, exist_ok=True)
@@ -233,7 +246,13 @@ class LocalPlatform(ServingPlatform):
             log_file=Path(self.home) / "logs" / f"{revision}.log",
         )
         rev["port"] = port
-        processes.wait_http(record, f"/v1/models/{state['name']}", self.ready_timeout_s, f"model server for {revision}")
+        return record
+
+    def _wait_revision(self, record: processes.ProcessRecord, name: str, revision: str) -> None:
+        try:
+            processes.wait_http(record, f"/v1/models/{name}", self.ready_timeout_s, f"model server for revision {revision}")
+        except processes.ProcessStartError as exc:
+            raise RevisionStartError(revision, record.log, str(exc)) from None
 
     def _revision_record(self, directory: Path, revision: str) -> processes.ProcessRecord | None:
         return processes.read_record(directory / "revisions" / f"{revision}.pid")
@@ -334,29 +353,161 @@ class LocalPlatform(ServingPlatform):
         tmp.write_text(json.dumps(targets))
         tmp.replace(out / "serving.json")
 
-    def _reconcile_locked(self, directory: Path, state: dict) -> list[str]:
-        """Restart what the recorded state says should run; return what was restarted."""
-        restarted = []
-        for revision in {state.get("latest_ready"), state.get("latest_rolledout"), state.get("previous_rolledout")} - {None}:
-            info = state["revisions"][revision]
-            if info["status"] == "ready" and not self._revision_alive(directory, revision):
-                self._start_revision(directory, state, revision)
-                restarted.append(revision)
+    # ---- supervision ----------------------------------------------------------------------------
+    supervise: bool = True
+    supervisor_interval_s: float = 1.0
+
+    @property
+    def _supervisor_pid_file(self) -> Path:
+        return self._root / "supervisor.pid"
+
+    def ensure_supervisor(self) -> processes.ProcessRecord | None:
+        """Start the platform's supervisor (one per MLOPS_HOME) unless it runs: it restarts dead
+        routers and model servers with backoff and rolls back canaries whose rollout died, as
+        Kubernetes' controllers do on a cluster (serving/supervisor.py)."""
+        if not self.supervise:
+            return None
+        with self._supervisor_guard():
+            record = processes.read_record(self._supervisor_pid_file)
+            if record is not None and processes.is_alive(record):
+                return record
+            return processes.spawn(
+                [
+                    sys.executable,
+                    "-m",
+                    "mlops_assets.serving.supervisor",
+                    str(Path(self.home).resolve()),
+                    str(self.supervisor_interval_s),
+                    str(self.ready_timeout_s),
+                ],
+                port=0,
+                pid_file=self._supervisor_pid_file,
+                log_file=Path(self.home) / "logs" / "supervisor.log",
+            )
+
+    @contextlib.contextmanager
+    def _supervisor_guard(self):
+        self._root.mkdir(parents=True, exist_ok=True)
+        with open(self._root / ".supervisor.lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def stop_supervisor(self) -> bool:
+        """Stop the supervisor (until the next apply, rollback or reconcile); True if it ran."""
+        with self._supervisor_guard():
+            record = processes.read_record(self._supervisor_pid_file)
+            if record is None or not processes.is_alive(record):
+                return False
+            processes.stop(record)
+            return True
+
+    def supervisor_status(self) -> dict:
+        """What the supervisor last did: restarts, failures and backoff per component."""
+        try:
+            return json.loads((self._root / "supervisor.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def guard_unwatched(self, name: str) -> str | None:
+        """Roll back a candidate that serves users while the rollout that owned it is dead (its
+        process on this host is gone): a canary is never left serving with nobody watching."""
+        holder = self.rollout_lock(name).holder()
+        if holder is None or not holder.owner_dead():
+            return None
+        status = self.status(name)
+        canary_live = status.latest_ready != status.latest_rolledout and status.percent_of(status.latest_ready) > 0
+        switched = (
+            holder.strategy == "blue_green"
+            and status.stable_version == holder.version
+            and status.previous_rolledout is not None
+            and status.version_of(status.previous_rolledout) != holder.version
+        )
+        if not (canary_live or switched):
+            return None
+        self.rollback(name)
+        return (
+            f"rollout {holder.rollout_id} (run {holder.run_id}, pid {holder.pid}) died while its candidate "
+            f"v{holder.version} served users: rolled {name} back"
+        )
+
+    def _kept(self, state: dict) -> list[str]:
+        """The revisions that must run: the latest ready one and the rolled-out ones (KServe keeps
+        the previous rolled-out revision warm for a rollback)."""
+        keep = [state.get("latest_rolledout"), state.get("latest_ready"), state.get("previous_rolledout")]
+        return [r for r in dict.fromkeys(keep) if r and state["revisions"][r]["status"] == "ready"]
+
+    def _route_locked(self, directory: Path, state: dict) -> None:
+        """Make the router serve `state`'s table: start the router if it is down (it reads the table
+        from its file), else push the table. Never waits for a model server."""
         router = self._router_record(directory)
         if router is None or not processes.is_alive(router):
             self._ensure_router(directory, state)
-            restarted.append("router")
-        if restarted:
-            self._write_json(directory / "state.json", state)
-            self._push_routes(directory, state)
-            self._write_scrape_targets()
-        return restarted
+        else:
+            try:
+                self._push_routes(directory, state)
+            except OSError:
+                # The router died between the check and the push: a new one reads the table from its file.
+                self._ensure_router(directory, state)
+        self._write_json(directory / "state.json", state)
+        self._write_scrape_targets()
+
+    def repair(self, name: str, due: Callable[[str], bool] | None = None, *, raise_router: bool = False) -> dict[str, str]:
+        """Restart what should run and does not: the router first (traffic cannot move without it),
+        then each dead revision, each on its own, outside the service lock, so a revision that
+        cannot start blocks neither the others nor any traffic change. `due(component)` lets a
+        supervisor apply its backoff. Returns component -> "restarted" or the error; with
+        `raise_router`, a router that cannot start raises instead."""
+        due = due or (lambda component: True)
+        report: dict[str, str] = {}
+        to_start: list[tuple[str, processes.ProcessRecord]] = []
+        with self._locked(name) as directory:
+            state = self._require(directory, name)
+            router = self._router_record(directory)
+            if (router is None or not processes.is_alive(router)) and due("router"):
+                try:
+                    self._ensure_router(directory, state)
+                    report["router"] = "restarted"
+                except processes.ProcessStartError as exc:
+                    if raise_router:  # nothing can be served without it: say so at once
+                        raise
+                    report["router"] = str(exc)
+                self._write_json(directory / "state.json", state)
+            for revision in self._kept(state):
+                if not self._revision_alive(directory, revision) and due(revision):
+                    to_start.append((revision, self._spawn_revision(directory, state, revision)))
+            if to_start:
+                self._write_json(directory / "state.json", state)
+        for revision, record in to_start:
+            try:
+                self._wait_revision(record, name, revision)
+                report[revision] = "restarted"
+            except RevisionStartError as exc:
+                report[revision] = str(exc)
+        if to_start:
+            with self._locked(name) as directory:
+                state = self._require(directory, name)
+                for revision, record in to_start:
+                    info = state["revisions"].get(revision)
+                    if info is None:
+                        continue
+                    if report[revision] == "restarted":
+                        info["port"], info["last_error"] = record.port, ""
+                        info["restarts"] = int(info.get("restarts", 0)) + 1
+                    else:
+                        info["last_error"] = report[revision]
+                self._route_locked(directory, state)
+        return report
 
     # ---- the interface ------------------------------------------------------------------------
     def apply(self, manifest: dict) -> ServiceStatus:
         manifest = check_inference_service(manifest)
         name = manifest["metadata"]["name"]
         pct = manifest["spec"]["predictor"].get("canaryTrafficPercent")
+        identity = _identity_hash(manifest)
+        started: tuple[str, processes.ProcessRecord] | None = None
         with self._locked(name) as directory:
             state = self._load_state(directory) or {
                 "name": name,
@@ -369,9 +520,6 @@ class LocalPlatform(ServingPlatform):
                 "canary_percent": None,
                 "router_port": None,
             }
-            if state["latest_ready"]:
-                self._reconcile_locked(directory, state)
-            identity = _identity_hash(manifest)
             latest = state["revisions"].get(state["latest_created"] or "")
             if latest is None or latest["identity"] != identity:
                 revision = f"{name}-predictor-{len(state['revisions']) + 1:05d}"
@@ -386,16 +534,26 @@ class LocalPlatform(ServingPlatform):
                     "port": None,
                 }
                 state["latest_created"] = revision
+                started = (revision, self._spawn_revision(directory, state, revision))
                 self._write_json(directory / "state.json", state)
-                try:
-                    self._start_revision(directory, state, revision)
-                except processes.ProcessStartError:
+        if started is not None:
+            # Waited for outside the service lock: a slow or broken new revision never holds up the
+            # supervisor or a rollback of this service.
+            revision, record = started
+            try:
+                self._wait_revision(record, name, revision)
+            except RevisionStartError:
+                with self._locked(name) as directory:
                     # As in KServe: a revision that never becomes ready gets no traffic.
+                    state = self._require_state(directory, name)
                     state["revisions"][revision]["status"] = "failed"
                     self._write_json(directory / "state.json", state)
-                    raise
-                state["revisions"][revision]["status"] = "ready"
-                state["latest_ready"] = revision
+                raise
+        with self._locked(name) as directory:
+            state = self._require_state(directory, name)
+            if started is not None and state["latest_created"] == started[0]:
+                state["revisions"][started[0]]["status"] = "ready"
+                state["latest_ready"] = started[0]
             ready = state["latest_ready"]
             if state["latest_rolledout"] is None:
                 state["latest_rolledout"], state["canary_percent"] = ready, None
@@ -405,15 +563,17 @@ class LocalPlatform(ServingPlatform):
                 state["canary_percent"] = None
             else:
                 state["canary_percent"] = pct
-            self._ensure_router(directory, state)
-            self._retire(directory, state)
             self._write_json(directory / "manifest.json", manifest)
-            self._write_json(directory / "state.json", state)
-            self._push_routes(directory, state)
-            self._write_scrape_targets()
-            return self._status(directory, state)
+            self._retire(directory, state)
+            self._route_locked(directory, state)
+            status = self._status(directory, state)
+        self.ensure_supervisor()
+        return status
 
     def rollback(self, name: str) -> ServiceStatus:
+        """Traffic first: the routing table changes before anything is started. A rollback target
+        that is down is restarted afterwards; meanwhile the router sends its share to a healthy
+        revision (outlier ejection). Only a target that cannot start at all is an error."""
         with self._locked(name) as directory:
             state = self._require(directory, name)
             if state["latest_ready"] != state["latest_rolledout"]:
@@ -425,20 +585,26 @@ class LocalPlatform(ServingPlatform):
                 state["canary_percent"] = 0
             else:
                 raise RolloutStateError(f"{name} has no canary and no previous rolled-out revision to roll back to")
-            self._reconcile_locked(directory, state)
             manifest = json.loads((directory / "manifest.json").read_text())
             manifest["spec"]["predictor"]["canaryTrafficPercent"] = 0
             self._write_json(directory / "manifest.json", manifest)
-            self._write_json(directory / "state.json", state)
-            self._push_routes(directory, state)
-            self._write_scrape_targets()
-            return self._status(directory, state)
+            self._route_locked(directory, state)
+            target = state["latest_rolledout"]
+            target_down = not self._revision_alive(directory, target)
+        self.ensure_supervisor()
+        if target_down:
+            error = self.repair(name, due=lambda component: component in ("router", target)).get(target, "")
+            if error and error != "restarted":
+                raise RevisionStartError(target, str(Path(self.home) / "logs" / f"{target}.log"), error)
+        return self.status(name)
 
     def reconcile(self, name: str) -> list[str]:
         """Bring the running processes back in line with the recorded state (after a crash or a
-        `stop_all`); returns what had to be restarted."""
-        with self._locked(name) as directory:
-            return self._reconcile_locked(directory, self._require(directory, name))
+        `stop_all`); returns what was restarted. A revision that cannot start is reported in the
+        service's status message (naming its log), not raised: it must not block the others."""
+        restarted = [c for c, outcome in self.repair(name, raise_router=True).items() if outcome == "restarted"]
+        self.ensure_supervisor()
+        return restarted
 
     def status(self, name: str) -> ServiceStatus:
         directory = self._dir(name)
@@ -462,8 +628,9 @@ class LocalPlatform(ServingPlatform):
         self._write_scrape_targets()
 
     def stop_all(self) -> list[str]:
-        """Stop every local router and model server, keeping their state for `reconcile`."""
-        stopped = []
+        """Stop the supervisor, then every local router and model server, keeping their state for
+        `reconcile` (which starts the supervisor again)."""
+        stopped = ["supervisor"] if self.stop_supervisor() else []
         for name in self.list_services():
             with self._locked(name) as directory:
                 stopped += self._stop_processes(directory)
@@ -477,6 +644,12 @@ class LocalPlatform(ServingPlatform):
                 processes.stop(record)
                 stopped.append(pid_file.stem)
         return stopped
+
+    def _require_state(self, directory: Path, name: str) -> dict:
+        state = self._load_state(directory)
+        if state is None:
+            raise UnknownServiceError(f"InferenceService {name!r} does not exist; known: {self.list_services()}")
+        return state
 
     def _require(self, directory: Path, name: str) -> dict:
         state = self._load_state(directory)
@@ -496,12 +669,16 @@ class LocalPlatform(ServingPlatform):
         serving = [t["revisionName"] for t in traffic if t["percent"] > 0]
         down = [rev for rev in serving if not alive.get(rev)]
         message = "" if router_alive and not down else f"router alive={router_alive}; revisions down: {down}"
+        errors = [f"{rev}: {info['last_error']}" for rev, info in state["revisions"].items() if info.get("last_error")]
+        if errors:
+            message = "; ".join([message, *errors]) if message else "; ".join(errors)
         revisions = {
             rev: {
                 "model_version": info.get("model_version"),
                 "status": info["status"] if info["status"] != "ready" or alive.get(rev) else "down",
                 "storage_uri": info["storage_uri"],
                 "port": info.get("port"),
+                "restarts": int(info.get("restarts", 0)),
                 "run_id": (info.get("annotations") or {}).get(f"{ANNOTATION_PREFIX}/mlflow-run-id", ""),
             }
             for rev, info in state["revisions"].items()
