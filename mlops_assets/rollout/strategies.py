@@ -163,22 +163,33 @@ def _plus(a: int | None, b: int | None) -> int | None:
     return None if a is None or b is None else a + b
 
 
-def _candidate_down(ctx: RolloutContext, candidate: str) -> str | None:
-    """Why the candidate cannot be judged any more (its server is down), or None."""
+def _candidate_down(ctx: RolloutContext, candidate: str, restarts_before: int) -> str | None:
+    """Why the candidate has failed without a single bad answer being counted (its server is down,
+    or crashed and was restarted), or None."""
     try:
         status = ctx.platform.status(ctx.isvc)
     except Exception as exc:  # noqa: BLE001 - the platform's view is unavailable: hold, as with metrics
         ctx.log(f"{ctx.isvc}: status unavailable ({exc}); holding")
         return None
-    state = (status.revisions.get(candidate) or {}).get("status")
-    if state in ("down", "failed"):
-        return f"candidate revision {candidate} is {state}: {status.message or 'its server is not running'}"
+    info = status.revisions.get(candidate) or {}
+    if info.get("status") in ("down", "failed"):
+        return f"candidate revision {candidate} is {info['status']}: {status.message or 'its server is not running'}"
+    if int(info.get("restarts", 0)) > restarts_before:
+        return f"candidate revision {candidate} crashed and was restarted during the rollout"
     return None
+
+
+def _restarts(ctx: RolloutContext, revision: str) -> int:
+    try:
+        return int((ctx.platform.status(ctx.isvc).revisions.get(revision) or {}).get("restarts", 0))
+    except Exception:  # noqa: BLE001
+        return 0
 
 
 def _watch(ctx: RolloutContext, analysis: CanaryAnalysis, candidate: str, stable: str, url: str, slow_s: float, on_step):
     """Feed windows to the analysis until it promotes or rolls back (or the run times out)."""
     before = ctx.counts(url)
+    restarts_before = _restarts(ctx, candidate)
     deadline = ctx.started + ctx.timeout_s
     while ctx.clock() < deadline:
         ctx.sleep(ctx.poll_s)
@@ -189,7 +200,7 @@ def _watch(ctx: RolloutContext, analysis: CanaryAnalysis, candidate: str, stable
             before = now
         if verdict.decision in (Decision.PROMOTE, Decision.ROLLBACK):
             return verdict
-        down = _candidate_down(ctx, candidate)
+        down = _candidate_down(ctx, candidate, restarts_before)
         if down is not None:
             # The router has ejected it and serves its share from the stable revision; a candidate that
             # crashes under real traffic has failed, so do not wait for the no-data deadline.

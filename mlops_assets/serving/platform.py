@@ -668,10 +668,13 @@ class LocalPlatform(ServingPlatform):
         router_alive = router is not None and processes.is_alive(router)
         serving = [t["revisionName"] for t in traffic if t["percent"] > 0]
         down = [rev for rev in serving if not alive.get(rev)]
-        message = "" if router_alive and not down else f"router alive={router_alive}; revisions down: {down}"
-        errors = [f"{rev}: {info['last_error']}" for rev, info in state["revisions"].items() if info.get("last_error")]
-        if errors:
-            message = "; ".join([message, *errors]) if message else "; ".join(errors)
+        idle_down = [rev for rev in self._kept(state) if rev not in serving and not alive.get(rev)]
+        notes = [] if router_alive and not down else [f"router alive={router_alive}; revisions down: {down}"]
+        if idle_down:
+            notes.append(f"kept revisions not running (no traffic): {idle_down}")
+        # Why a revision is down, with its log: the supervisor's (or a reconcile's) last failed start.
+        notes += [f"{rev}: {info['last_error']}" for rev, info in state["revisions"].items() if info.get("last_error")]
+        message = "; ".join(notes)
         revisions = {
             rev: {
                 "model_version": info.get("model_version"),
