@@ -118,8 +118,6 @@ def guarded(strategy: Callable[..., RolloutResult]) -> Callable[..., RolloutResu
     return run
 
 
-
-
 def _with_percent(manifest: dict, percent: int | None) -> dict:
     manifest = copy.deepcopy(manifest)
     if percent is None:
