@@ -138,7 +138,7 @@ class ScrapeMetrics(MetricsSource):
         # Every way a read can fail (refused, timeout, HTTP error, a truncated body, an HTML page,
         # bytes that do not parse) is "no data": never an exception that ends a rollout unwatched.
         except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError, KeyError) as exc:
-            raise MetricsUnavailableError(f"cannot read {url} for {isvc}: {type(exc).__name__}: {exc}") from exc
+            raise MetricsUnavailableError(f"cannot scrape {url} for {isvc}: {type(exc).__name__}: {exc}") from exc
 
     def describe_query(self, isvc: str) -> str:
         return f"scrape of the {isvc} router's /metrics: mlops_router_requests_total, mlops_router_request_duration_seconds"

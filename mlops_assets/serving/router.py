@@ -349,15 +349,15 @@ def _compile_routes(routes) -> dict:
         if entry["percent"]:
             acc += entry["percent"]
             cumulative.append((acc, entry["revision"]))
-    # Where an ejected revision's requests go: the others with traffic (largest share first), then
-    # the ones at 0%, the tagged ones, any other known revision.
+    # Where an ejected revision's requests go: the others with traffic (largest share first), then the
+    # previous rolled-out revision (tag "prev", kept warm as the known-good rollback target). Never a
+    # revision at 0% otherwise: that is a candidate that was rolled back, or one nobody is watching.
     shares: dict[str, int] = {}
     for entry in traffic:
         shares[entry["revision"]] = shares.get(entry["revision"], 0) + entry["percent"]
-    order = sorted(shares, key=lambda r: -shares[r])
-    order += [r for r in tags.values() if r not in order]
-    order += [r for r in revisions if r not in order]
-    order = list(dict.fromkeys(order))
+    order = sorted((r for r in shares if shares[r] > 0), key=lambda r: -shares[r])
+    if tags.get("prev") and tags["prev"] not in order:
+        order.append(tags["prev"])
     return {
         "routes": routes,
         "cumulative": cumulative,
