@@ -21,6 +21,32 @@ _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$")
 # KServe derives longer names (`<name>-predictor-<ns>...`) from the InferenceService name.
 MAX_ISVC_NAME = 45
 
+# Storage URIs KServe can serve a model from. The list is KServe's own: `SupportedStorageURIPrefixList`
+# in kserve/kserve pkg/controller/v1beta1/inferenceservice/utils/utils.go, which the InferenceService
+# webhook's ValidateStorageURI checks, and which the storage initializer
+# (python/storage/kserve_storage/kserve_storage.py, `Storage.download`) downloads: gs://, s3://, hdfs://,
+# webhdfs://, hf://, file://, any http(s) URL (Azure Blob and File shares are https://<account>.blob|file
+# .core.windows.net/... URLs), while pvc:// and oci:// are mounted by the controller (a PVC volume, a
+# modelcar image). Prefixes are matched case-sensitively there, so they are here.
+KSERVE_STORAGE_PREFIXES = (
+    "gs://",
+    "s3://",
+    "pvc://",
+    "file://",
+    "https://",
+    "http://",
+    "hdfs://",
+    "webhdfs://",
+    "oci://",
+    "hf://",
+)
+# MLflow's proxied artifact URI (`mlflow-artifacts:/path`, or `mlflow-artifacts://host:port/path`), what an
+# MLflow server with `--serve-artifacts` hands out: KubernetesPlatform maps it to the bucket behind the
+# proxy (kubernetes.proxied_to_destination), and the local model server loads it through MLflow.
+MLFLOW_PROXIED_PREFIX = "mlflow-artifacts:/"
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+_ACCEPTED_STORAGE = ", ".join(KSERVE_STORAGE_PREFIXES) + f", {MLFLOW_PROXIED_PREFIX} or an absolute local path"
+
 
 class ManifestError(ValueError):
     """A manifest or one of its inputs is malformed; the message names the field."""
@@ -37,6 +63,41 @@ def validate_dns1035(value: str, what: str = "name", max_len: int = 63) -> str:
             "starting with a letter and ending with a letter or digit"
         )
     return value
+
+
+def validate_storage_uri(uri: str, what: str = "storage URI") -> str:
+    """`uri` if KServe's storage initializer (or, for mlflow-artifacts:/, the Kubernetes platform) can
+    read it; otherwise `ManifestError` naming the scheme and what is accepted."""
+    if not isinstance(uri, str) or not uri:
+        raise ManifestError(f"{what} must be a non-empty string such as s3://bucket/path, got {uri!r}")
+    if any(c.isspace() for c in uri):
+        raise ManifestError(f"{what} {uri!r} contains whitespace")
+    for prefix in (*KSERVE_STORAGE_PREFIXES, MLFLOW_PROXIED_PREFIX):
+        if uri.startswith(prefix):
+            if not uri[len(prefix) :].strip("/"):
+                raise ManifestError(f"{what} {uri!r} names no location after {prefix}")
+            return uri
+    if uri.startswith("/"):
+        # KServe takes a string without a scheme as a local path (e.g. /mnt/models); only absolute
+        # ones are accepted here, since a relative path means a different file in every process.
+        return uri
+    match = _SCHEME.match(uri)
+    if match is None:
+        raise ManifestError(f"{what} {uri!r} is neither a URI nor an absolute path; KServe reads {_ACCEPTED_STORAGE}")
+    scheme = match.group(1)
+    known = next((p for p in (*KSERVE_STORAGE_PREFIXES, MLFLOW_PROXIED_PREFIX) if p.split(":", 1)[0] == scheme.lower()), None)
+    hint = ""
+    if scheme.lower() in ("models", "runs"):
+        # The source guide's `models://name/version`, and MLflow's own `models:/name/version` or `runs:/`, are
+        # references only MLflow resolves; KServe's storage initializer would look for a relative path.
+        form = "models:/name/version (one slash)" if scheme.lower() == "models" else "runs:/<run_id>/<path>"
+        hint = (
+            f" ({form} is an MLflow reference, not a storage location KServe can download: pass the version's"
+            " artifact location, MlflowRegistry.get_version(name, version).download_uri)"
+        )
+    elif known is not None:
+        hint = f" (KServe matches the prefix exactly: write {known}...)"
+    raise ManifestError(f"{what} {uri!r} has scheme {scheme!r}, which KServe cannot read; use {_ACCEPTED_STORAGE}{hint}")
 
 
 def isvc_name_for(model_name: str) -> str:
@@ -76,12 +137,7 @@ def build_inference_service(d: Deployment) -> dict:
     validate_dns1035(d.namespace, "namespace")
     if not str(d.version).isdigit():
         raise ManifestError(f"model version must be a positive integer, got {d.version!r}")
-    # s3://, gs://, file:///, or MLflow's proxied mlflow-artifacts:/ (which KubernetesPlatform maps to its bucket).
-    if not d.storage_uri or not (
-        "://" in d.storage_uri
-        or (d.storage_uri.startswith("mlflow-artifacts:/") and len(d.storage_uri) > len("mlflow-artifacts:/"))
-    ):
-        raise ManifestError(f"storage URI {d.storage_uri!r} must be a URI such as s3://bucket/path or file:///path")
+    validate_storage_uri(d.storage_uri)
     if d.protocol not in ("v1", "v2"):
         raise ManifestError(f"protocol must be 'v1' or 'v2', got {d.protocol!r}")
     if d.canary_percent is not None and not (isinstance(d.canary_percent, int) and 0 <= d.canary_percent <= 100):
@@ -147,6 +203,7 @@ def check_inference_service(manifest: dict) -> dict:
     model = (predictor or {}).get("model")
     if not isinstance(model, dict) or not model.get("storageUri"):
         raise ManifestError("spec.predictor.model.storageUri is required")
+    validate_storage_uri(model["storageUri"], "spec.predictor.model.storageUri")
     if not (model.get("modelFormat") or {}).get("name"):
         raise ManifestError("spec.predictor.model.modelFormat.name is required")
     pct = predictor.get("canaryTrafficPercent")
