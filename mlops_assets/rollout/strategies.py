@@ -66,6 +66,7 @@ class RolloutContext:
     #: rolled back on purpose) so the failure guard must not undo it.
     candidate: str | None = None
     stable_before: str | None = None
+    candidate_crashes: int = 0  # the candidate's crash count when it was deployed
     decided: bool = False
 
     def elapsed(self) -> float:
@@ -161,7 +162,7 @@ def _plus(a: int | None, b: int | None) -> int | None:
     return None if a is None or b is None else a + b
 
 
-def _candidate_down(ctx: RolloutContext, candidate: str, restarts_before: int) -> str | None:
+def _candidate_down(ctx: RolloutContext, candidate: str, crashes_before: int) -> str | None:
     """Why the candidate has failed without a single bad answer being counted (its server is down,
     or crashed and was restarted), or None."""
     try:
@@ -172,22 +173,15 @@ def _candidate_down(ctx: RolloutContext, candidate: str, restarts_before: int) -
     info = status.revisions.get(candidate) or {}
     if info.get("status") in ("down", "failed"):
         return f"candidate revision {candidate} is {info['status']}: {status.message or 'its server is not running'}"
-    if int(info.get("restarts", 0)) > restarts_before:
-        return f"candidate revision {candidate} crashed and was restarted during the rollout"
+    if int(info.get("crashes", 0)) > crashes_before:
+        return f"candidate revision {candidate} crashed during the rollout: {status.message or 'restarted'}"
     return None
-
-
-def _restarts(ctx: RolloutContext, revision: str) -> int:
-    try:
-        return int((ctx.platform.status(ctx.isvc).revisions.get(revision) or {}).get("restarts", 0))
-    except Exception:  # noqa: BLE001
-        return 0
 
 
 def _watch(ctx: RolloutContext, analysis: CanaryAnalysis, candidate: str, stable: str, url: str, slow_s: float, on_step):
     """Feed windows to the analysis until it promotes or rolls back (or the run times out)."""
     before = ctx.counts(url)
-    restarts_before = _restarts(ctx, candidate)
+    crashes_before = ctx.candidate_crashes if candidate == ctx.candidate else 0
     deadline = ctx.started + ctx.timeout_s
     while ctx.clock() < deadline:
         ctx.sleep(ctx.poll_s)
@@ -198,7 +192,7 @@ def _watch(ctx: RolloutContext, analysis: CanaryAnalysis, candidate: str, stable
             before = now
         if verdict.decision in (Decision.PROMOTE, Decision.ROLLBACK):
             return verdict
-        down = _candidate_down(ctx, candidate, restarts_before)
+        down = _candidate_down(ctx, candidate, crashes_before)
         if down is not None:
             # The router has ejected it and serves its share from the stable revision; a candidate that
             # crashes under real traffic has failed, so do not wait for the no-data deadline.
@@ -222,6 +216,7 @@ def _deploy_candidate(
     candidate, stable = status.latest_ready, status.latest_rolledout
     if candidate != stable:
         ctx.candidate = candidate
+        ctx.candidate_crashes = int((status.revisions.get(candidate) or {}).get("crashes", 0))
     if candidate == stable:
         return (
             status,

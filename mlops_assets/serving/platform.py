@@ -477,6 +477,10 @@ class LocalPlatform(ServingPlatform):
                 self._write_json(directory / "state.json", state)
             for revision in self._kept(state):
                 if not self._revision_alive(directory, revision) and due(revision):
+                    info = state["revisions"][revision]
+                    # Counted when found dead, not when restarted: a candidate whose restarts keep
+                    # failing has crashed as surely as one that came back.
+                    info["crashes"] = int(info.get("crashes", 0)) + 1
                     to_start.append((revision, self._spawn_revision(directory, state, revision)))
             if to_start:
                 self._write_json(directory / "state.json", state)
@@ -497,7 +501,7 @@ class LocalPlatform(ServingPlatform):
                         info["port"], info["last_error"] = record.port, ""
                         info["restarts"] = int(info.get("restarts", 0)) + 1
                     else:
-                        info["last_error"] = report[revision]
+                        info["last_error"] = _brief(report[revision])
                 self._route_locked(directory, state)
         return report
 
@@ -682,6 +686,7 @@ class LocalPlatform(ServingPlatform):
                 "storage_uri": info["storage_uri"],
                 "port": info.get("port"),
                 "restarts": int(info.get("restarts", 0)),
+                "crashes": int(info.get("crashes", 0)),
                 "run_id": (info.get("annotations") or {}).get(f"{ANNOTATION_PREFIX}/mlflow-run-id", ""),
             }
             for rev, info in state["revisions"].items()
@@ -703,6 +708,12 @@ class LocalPlatform(ServingPlatform):
             # The router serves tags under a path prefix (it also honours KServe's latest-/prev- hostnames).
             tag_urls={tag: f"{url}/{tag}" for tag in _tags(state)} if url else {},
         )
+
+
+def _brief(error: str) -> str:
+    """An error for a status line: its first line and the last line of the log tail it carries."""
+    lines = [line.strip() for line in error.splitlines() if line.strip()]
+    return lines[0] if len(lines) < 2 else f"{lines[0]} ... {lines[-1]}"
 
 
 def _traffic(state: dict) -> list[dict]:
