@@ -119,3 +119,15 @@ def test_the_uri_a_registered_version_hands_out_is_accepted(tmp_path):
     # ... while the registry reference for the same version is not storage.
     with pytest.raises(ManifestError, match="scheme 'models'"):
         validate_storage_uri(version.model_uri)
+
+
+def test_the_cluster_refuses_a_proxied_uri_it_cannot_map():
+    """KubernetesPlatform maps mlflow-artifacts:/ to its bucket; without one it refuses before any API call
+    (KServe would read the URI as a relative path and crash-loop). No API server is contacted here."""
+    from mlops_assets.serving.kubernetes import KubernetesPlatform
+
+    manifest = build_inference_service(Deployment(storage_uri="mlflow-artifacts:/1/m-abc/artifacts", **BASE))
+    with pytest.raises(ManifestError, match="artifact proxy, which KServe cannot read"):
+        KubernetesPlatform(in_cluster=False, artifacts_destination="")._for_cluster(manifest)
+    mapped = KubernetesPlatform(in_cluster=False, artifacts_destination="s3://mlflow")._for_cluster(manifest)
+    assert mapped["spec"]["predictor"]["model"]["storageUri"] == "s3://mlflow/1/m-abc/artifacts"

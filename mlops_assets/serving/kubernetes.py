@@ -160,7 +160,15 @@ class KubernetesPlatform(ServingPlatform):
         if self.service_account and "serviceAccountName" not in predictor:
             predictor["serviceAccountName"] = self.service_account
         model = predictor["model"]
-        if self.artifacts_destination and model["storageUri"].startswith("mlflow-artifacts:"):
+        if model["storageUri"].startswith("mlflow-artifacts:"):
+            if not self.artifacts_destination:
+                # KServe's storage initializer has no mlflow-artifacts scheme: it would read the URI as a
+                # relative path and the predictor would crash-loop. Refuse before anything is created.
+                raise ManifestError(
+                    f"storage URI {model['storageUri']!r} is MLflow's artifact proxy, which KServe cannot read; set "
+                    "KubernetesPlatform.artifacts_destination to the bucket behind the proxy "
+                    "(resources.py sets s3://mlflow, the MinIO bucket of k8s/)"
+                )
             model["storageUri"] = proxied_to_destination(model["storageUri"], self.artifacts_destination)
         return manifest
 
