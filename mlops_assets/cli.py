@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -47,12 +48,43 @@ def _bin(name: str) -> str:
     return str(local) if local.exists() else name
 
 
-class Daemon:
-    """`dagster-daemon run` in its own process group, stopped (with its children) on exit."""
+#: The daemons the demo's runs depend on, by the `daemon_type()` their heartbeats carry: the run queue
+#: (QueuedRunCoordinatorDaemon: runs submitted by `dagster job launch` and by sensors) and the sensors
+#: (SensorDaemon: mlflow_registry_sensor, prometheus_alert_sensor).
+WATCHED_DAEMONS = ("QUEUED_RUN_COORDINATOR", "SENSOR")
+#: Each daemon thread writes a heartbeat every 30 s (dagster's DEFAULT_HEARTBEAT_INTERVAL_SECONDS, which
+#: `dagster-daemon run` does not let us change), but only between its iterations, and one sensor
+#: evaluation can hold an iteration for up to its 60 s gRPC timeout on a loaded box: 30 + 60 s, and
+#: 30 s of slack, before a silent daemon counts as stuck. A daemon that dies is caught at once, by its exit.
+HEARTBEAT_STALE_S = 120.0
+#: Starting measured 5-15 s on a loaded 2-core box (imports, the instance, the daemon threads).
+DAEMON_READY_TIMEOUT_S = 120.0
+#: Heartbeats change every 30 s: reading them every 2 s is enough; the process is checked at every call.
+HEARTBEAT_READ_INTERVAL_S = 2.0
+LOG_TAIL_LINES = 30
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
-    def __init__(self, log_file: Path) -> None:
+
+class Daemon:
+    """`dagster-daemon run` in its own process group, watched by every wait of the demo, and stopped
+    (with its children) on exit.
+
+    Start it only once the instance's databases exist (`mlops_assets.instance.create_storage`), then
+    `wait_until_ready()`; `check()` / `pause()` raise SystemExit with the end of its log as soon as
+    the process is gone or its heartbeats stop.
+    """
+
+    def __init__(self, log_file: Path, instance, heartbeat_stale_s: float = HEARTBEAT_STALE_S) -> None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         self.log_file = log_file
+        self.instance = instance
+        self.heartbeat_stale_s = heartbeat_stale_s
+        # The log is appended to across demos: only what this daemon wrote is worth showing.
+        self._log_offset = log_file.stat().st_size if log_file.exists() else 0
+        self._heartbeats_read_at = 0.0
+        # Heartbeats older than this are a previous daemon's, left in a reused DAGSTER_HOME.
+        self.started_at = time.time()
+        self.ready_at: float | None = None
         with open(log_file, "ab") as log:
             self.proc = subprocess.Popen(
                 [_bin("dagster-daemon"), "run", *CODE_LOCATION],
@@ -61,6 +93,82 @@ class Daemon:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
+
+    def _heartbeats(self) -> dict[str, float]:
+        """This daemon's latest heartbeat time per watched daemon type."""
+        beats = self.instance.get_daemon_heartbeats()
+        return {
+            kind: beats[kind].timestamp for kind in WATCHED_DAEMONS if kind in beats and beats[kind].timestamp >= self.started_at
+        }
+
+    def _exited(self) -> str | None:
+        code = self.proc.poll()
+        if code is None:
+            return None
+        if code < 0:
+            return f"was killed by {signal.Signals(-code).name}"
+        return f"exited with code {code}"
+
+    def problem(self) -> str | None:
+        """Why the daemon can no longer run the demo's runs, or None while it is alive and heartbeating."""
+        exited = self._exited()
+        if exited or self.ready_at is None or time.monotonic() - self._heartbeats_read_at < HEARTBEAT_READ_INTERVAL_S:
+            return exited
+        self._heartbeats_read_at = time.monotonic()
+        beats, now = self._heartbeats(), time.time()
+        for kind in WATCHED_DAEMONS:
+            age = now - beats.get(kind, self.ready_at)
+            if age > self.heartbeat_stale_s:
+                return f"is running but its {kind} sent no heartbeat for {age:.0f}s (the limit is {self.heartbeat_stale_s:.0f}s)"
+        return None
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        try:
+            with open(self.log_file, "rb") as log:
+                log.seek(self._log_offset)
+                text = log.read().decode(errors="replace")
+        except OSError as exc:
+            return f"(cannot read it: {exc})"
+        tail = [_ANSI.sub("", line) for line in text.splitlines() if line.strip()][-lines:]
+        return "\n".join(tail) if tail else "(empty)"
+
+    def failure(self, problem: str, waiting_for: str) -> SystemExit:
+        return SystemExit(
+            f"dagster-daemon (pid {self.proc.pid}) {problem} while the demo waited for {waiting_for}.\n"
+            f"The last {LOG_TAIL_LINES} lines of its log, {self.log_file}:\n{self.log_tail()}"
+        )
+
+    def check(self, waiting_for: str) -> None:
+        """Raise SystemExit, with the end of the daemon's log, if the daemon died or stopped heartbeating."""
+        problem = self.problem()
+        if problem:
+            raise self.failure(problem, waiting_for)
+
+    def pause(self, seconds: float, waiting_for: str) -> None:
+        """Sleep `seconds`, checking the daemon every half second."""
+        end = time.monotonic() + seconds
+        while True:
+            self.check(waiting_for)
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(0.5, left))
+
+    def wait_until_ready(self, timeout_s: float = DAEMON_READY_TIMEOUT_S) -> float:
+        """Wait for this daemon's first heartbeat from each of WATCHED_DAEMONS; return the seconds it took."""
+        started = time.monotonic()
+        while True:
+            exited = self._exited()
+            if exited:
+                raise self.failure(exited, "its first heartbeats")
+            beats = self._heartbeats()
+            if len(beats) == len(WATCHED_DAEMONS):
+                self.ready_at = time.time()
+                return time.monotonic() - started
+            if time.monotonic() - started > timeout_s:
+                missing = [kind for kind in WATCHED_DAEMONS if kind not in beats]
+                raise self.failure(f"sent no heartbeat from {', '.join(missing)} within {timeout_s:.0f}s", "its first heartbeats")
+            time.sleep(0.5)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -107,7 +215,9 @@ def _describe(event) -> str:
     return event.step_key or ""
 
 
-def follow_run(instance, run_id: str, job_name: str, timeout_s: float = 900, allow_failure: bool = False) -> str:
+def follow_run(
+    instance, run_id: str, job_name: str, timeout_s: float = 900, allow_failure: bool = False, *, daemon: Daemon
+) -> str:
     """Stream a run's progress from the instance's event log until it ends; return its status."""
     shown = 0
     interesting = _interesting()
@@ -130,30 +240,55 @@ def follow_run(instance, run_id: str, job_name: str, timeout_s: float = 900, all
                 detail = "\n".join(str(getattr(f, "error", f)) for f in failures)[-4000:]
                 raise SystemExit(f"run {run_id} of {job_name} ended {run.status.value}:\n{detail}")
             return run.status.value
-        time.sleep(0.5)
+        daemon.pause(0.5, f"run {run_id[:8]} of {job_name}")
     raise SystemExit(f"run {run_id} of {job_name} did not finish within {timeout_s:.0f}s")
 
 
-def launch_and_wait(instance, job_name: str, timeout_s: float = 600) -> str:
+def _dagster_job_launch(job_name: str, daemon: Daemon, timeout_s: float = 120) -> tuple[int, str]:
+    """`dagster job launch -j job_name` (it queues the run for the daemon); its exit code and output."""
+    launch = subprocess.Popen(
+        [_bin("dagster"), "job", "launch", *CODE_LOCATION, "-j", job_name],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,  # with the code server it starts, killed as one group below
+    )
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                output, _ = launch.communicate(timeout=0.5)
+                return launch.returncode, output
+            except subprocess.TimeoutExpired:
+                # Loading the code location takes a while on a busy box: a dead daemon must not wait for it.
+                daemon.check(f"`dagster job launch -j {job_name}`")
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"`dagster job launch -j {job_name}` did not return within {timeout_s:.0f}s") from None
+    finally:
+        if launch.poll() is None:
+            os.killpg(launch.pid, signal.SIGKILL)
+            launch.wait()
+
+
+def launch_and_wait(instance, job_name: str, timeout_s: float = 600, *, daemon: Daemon) -> str:
     """Submit `job_name` with `dagster job launch`, let the daemon run it, stream its progress."""
     from dagster import RunsFilter
 
     before = {r.run_id for r in instance.get_runs(RunsFilter(job_name=job_name))}
-    out = subprocess.run(
-        [_bin("dagster"), "job", "launch", *CODE_LOCATION, "-j", job_name], capture_output=True, text=True, timeout=120
-    )
-    if out.returncode != 0:
-        raise SystemExit(f"`dagster job launch -j {job_name}` failed:\n{out.stdout}\n{out.stderr}")
+    code, output = _dagster_job_launch(job_name, daemon)
+    if code != 0:
+        raise SystemExit(f"`dagster job launch -j {job_name}` failed:\n{output}")
     runs = [r for r in instance.get_runs(RunsFilter(job_name=job_name)) if r.run_id not in before]
     if not runs:
-        raise SystemExit(f"`dagster job launch -j {job_name}` created no run:\n{out.stdout}\n{out.stderr}")
+        raise SystemExit(f"`dagster job launch -j {job_name}` created no run:\n{output}")
     run_id = runs[0].run_id
     _say(f"[dagster] launched {job_name} run {run_id[:8]} (queued for the daemon)")
-    follow_run(instance, run_id, job_name, timeout_s)
+    follow_run(instance, run_id, job_name, timeout_s, daemon=daemon)
     return run_id
 
 
-def wait_for_sensor_run(instance, version: str, timeout_s: float = 180):
+def wait_for_sensor_run(instance, version: str, timeout_s: float = 180, *, daemon: Daemon):
     """The run `mlflow_registry_sensor` launched for `version` (found by its tag)."""
     from dagster import RunsFilter
 
@@ -162,7 +297,7 @@ def wait_for_sensor_run(instance, version: str, timeout_s: float = 180):
         runs = instance.get_runs(RunsFilter(tags={"mlops-assets/model-version": version}))
         if runs:
             return runs[0]
-        time.sleep(1)
+        daemon.pause(1, f"mlflow_registry_sensor's rollout of version {version}")
     raise SystemExit(f"mlflow_registry_sensor launched no rollout for version {version} within {timeout_s:.0f}s")
 
 
@@ -191,7 +326,7 @@ DEMO_ROLLOUT_ENV = {
 }
 
 
-def run_drills(instance, settings: Settings, platform, isvc: str, model: str) -> list[dict]:
+def run_drills(instance, settings: Settings, platform, isvc: str, model: str, *, daemon: Daemon) -> list[dict]:
     """Register each drill's version in MLflow, as a user would, and follow the rollout the
     sensor launches for it."""
     from mlops_assets.models.registry import MlflowRegistry
@@ -205,9 +340,9 @@ def run_drills(instance, settings: Settings, platform, isvc: str, model: str) ->
             registry, model, n_rows=5000, seed=seed, fault=fault, strategy=strategy, triggered_by="mlops-assets demo"
         )
         _say(f"\n[demo] registered {model} v{version.version} in MLflow ({what}); waiting for mlflow_registry_sensor")
-        run = wait_for_sensor_run(instance, version.version)
+        run = wait_for_sensor_run(instance, version.version, daemon=daemon)
         _say(f"[dagster] sensor launched {run.job_name} run {run.run_id[:8]} for v{version.version}")
-        status = follow_run(instance, run.run_id, run.job_name, allow_failure=True)
+        status = follow_run(instance, run.run_id, run.job_name, allow_failure=True, daemon=daemon)
         meta = _rollout_metadata(instance, run.run_id, model)
         results.append(
             {"drill": what, "version": version.version, "job": run.job_name, "run_status": status, "expected": expected, **meta}
@@ -220,15 +355,15 @@ def run_drills(instance, settings: Settings, platform, isvc: str, model: str) ->
     return results
 
 
-def run_drift_loop(instance, traffic: TrafficGenerator, wait_s: float) -> dict:
+def run_drift_loop(instance, traffic: TrafficGenerator, wait_s: float, *, daemon: Daemon) -> dict:
     """Shift the users' data, let the drift report flag it, and follow the loop the sensors close:
     ModelDriftDetected -> retrain_job on recent traffic -> canary of the new version -> promotion."""
     from dagster import RunsFilter
 
     traffic.shift = 1.0
     _say(f"\n[demo] injecting drift: the users' data now shifts by 1 standard deviation; waiting {wait_s:.0f}s for traffic")
-    time.sleep(wait_s)
-    run_id = launch_and_wait(instance, "monitor_drift_job")
+    daemon.pause(wait_s, "shifted traffic before the drift report")
+    run_id = launch_and_wait(instance, "monitor_drift_job", daemon=daemon)
     report = _latest_meta(instance, ["monitoring", "fraud_detector_drift"], run_id)
     _say(
         f"[demo] drift report: {report.get('dataset_verdict')} (share {report.get('drift_share')}); "
@@ -239,18 +374,19 @@ def run_drift_loop(instance, traffic: TrafficGenerator, wait_s: float) -> dict:
     while time.monotonic() < deadline and retrain is None:
         runs = instance.get_runs(RunsFilter(job_name="retrain_job"))
         retrain = runs[0] if runs else None
-        time.sleep(1)
+        if retrain is None:
+            daemon.pause(1, "prometheus_alert_sensor's retraining run")
     if retrain is None:
         raise SystemExit("prometheus_alert_sensor launched no retraining within 240s")
     _say(f"[dagster] sensor launched retrain_job run {retrain.run_id[:8]} ({retrain.tags.get('mlops-assets/alert')})")
-    follow_run(instance, retrain.run_id, "retrain_job")
+    follow_run(instance, retrain.run_id, "retrain_job", daemon=daemon)
     model = _latest_meta(instance, ["models", "fraud_detector"], retrain.run_id)
     version = str(model.get("version"))
     _say(f"[demo] retrained on recent traffic: v{version}; waiting for its canary")
-    run = wait_for_sensor_run(instance, version)
-    follow_run(instance, run.run_id, run.job_name, allow_failure=True)
+    run = wait_for_sensor_run(instance, version, daemon=daemon)
+    follow_run(instance, run.run_id, run.job_name, allow_failure=True, daemon=daemon)
     outcome = _rollout_metadata(instance, run.run_id, "fraud_detector")
-    after_id = launch_and_wait(instance, "monitor_drift_job")
+    after_id = launch_and_wait(instance, "monitor_drift_job", daemon=daemon)
     after = _latest_meta(instance, ["monitoring", "fraud_detector_drift"], after_id)
     _say(f"[demo] drift against v{version}'s training data: {after.get('dataset_verdict')} (share {after.get('drift_share')})")
     return {"report": report, "version": version, "outcome": outcome, "after": after}
@@ -355,6 +491,7 @@ def summary(
 def demo(args: argparse.Namespace) -> int:
     from dagster import DagsterInstance
 
+    from mlops_assets.instance import create_storage
     from mlops_assets.platform import services
     from mlops_assets.serving.platform import LocalPlatform
 
@@ -365,13 +502,18 @@ def demo(args: argparse.Namespace) -> int:
     settings.home.mkdir(parents=True, exist_ok=True)
     dagster_home = prepare_dagster_home(settings)
     _say(f"[demo] MLOPS_HOME={settings.home} DAGSTER_HOME={dagster_home}")
-    daemon = Daemon(settings.home / "logs" / "dagster-daemon.log")
+    # The instance's databases exist before any other process opens it (dagster.yaml's storage also
+    # locks their creation, for processes started by hand); a broken instance fails here, not in the daemon.
+    instance = DagsterInstance.get()
+    create_storage(instance, dagster_home)
+    daemon = Daemon(settings.home / "logs" / "dagster-daemon.log", instance)
     _say(f"[demo] dagster-daemon started (pid {daemon.proc.pid}); log {daemon.log_file}")
     platform = LocalPlatform(home=str(settings.home))
     traffic = None
     try:
-        instance = DagsterInstance.get()
-        launch_and_wait(instance, "lifecycle_job")
+        waited = daemon.wait_until_ready()
+        _say(f"[demo] dagster-daemon is up: heartbeats from {', '.join(WATCHED_DAEMONS)} after {waited:.1f}s")
+        launch_and_wait(instance, "lifecycle_job", daemon=daemon)
         status = platform.status("fraud-detector")
         _say(f"[demo] sending {args.requests} requests to {status.url}")
         burst = send_traffic(status.predict_url("v1"), status.predict_url("v2"), args.requests)
@@ -380,15 +522,15 @@ def demo(args: argparse.Namespace) -> int:
         if not args.skip_rollouts:
             traffic = TrafficGenerator(platform, "fraud-detector", rate=args.rate, success=AB_SUCCESS).start()
             _say(f"[demo] background users: ~{args.rate:.0f} requests/s with sticky user keys and A/B feedback")
-            drills = run_drills(instance, settings, platform, "fraud-detector", "fraud_detector")
+            drills = run_drills(instance, settings, platform, "fraud-detector", "fraud_detector", daemon=daemon)
             from mlops_assets.platform import services as platform_services
 
             if platform_services.prometheus_binary() is None:
                 _say("[demo] prometheus is not installed (Debian package `prometheus`): skipping the alert-driven drift loop")
             else:
-                loop = run_drift_loop(instance, traffic, wait_s=args.drift_wait)
+                loop = run_drift_loop(instance, traffic, wait_s=args.drift_wait, daemon=daemon)
             traffic.stop()
-        launch_and_wait(instance, "observe_serving_job")
+        launch_and_wait(instance, "observe_serving_job", daemon=daemon)
         _say(summary(instance, settings, burst, drills, loop, traffic, time.monotonic() - started, args.keep_running))
         failed = [d for d in drills if d.get("rollout_outcome") != d["expected"]]
         if loop is not None and loop["outcome"].get("rollout_outcome") != "promoted":
