@@ -570,6 +570,16 @@ def status(args: argparse.Namespace) -> int:
     for name in platform.list_services():
         st = platform.status(name)
         _say(f"{name:<16} ready={st.ready} url={st.url} stable=v{st.stable_version} traffic={st.traffic}")
+        if st.message:
+            _say(f"{'':<16} health: {st.message}")
+    supervised = platform.supervisor_status().get("services", {})
+    restarts = {
+        f"{svc}/{component}": info["restarts"]
+        for svc, components in supervised.items()
+        for component, info in components.items()
+        if info.get("restarts")
+    }
+    _say(f"{'supervisor':<16} restarts={restarts or 'none'} (log: {settings.home / 'logs' / 'supervisor.log'})")
     return 0
 
 
