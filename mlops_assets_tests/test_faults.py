@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 
+from mlops_assets.serving.metrics import MetricsUnavailableError, ScrapeMetrics
 from mlops_assets_tests import fault_scenarios as fs
 
 
@@ -69,8 +70,20 @@ def test_a_killed_router_is_restarted_unasked_with_its_state(platform, versions,
 
 
 @pytest.mark.parametrize("mode", ["html", "truncated"])
-def test_garbage_metrics_hold_then_roll_back_and_counts_are_unknown(platform, versions, scratch, mode):
-    out = _run(f"garbage_metrics_{mode}", platform, versions, scratch)
+def test_every_unreadable_metrics_answer_is_unavailable_never_an_exception(mode):
+    """A 200 with an HTML page (whatever its content type says) or a body cut short: `ScrapeMetrics`
+    raises `MetricsUnavailableError`, which the rollout reads as "no data", as it does a closed port."""
+    with fs.GarbageMetricsServer(mode) as garbage:
+        with pytest.raises(MetricsUnavailableError, match="cannot scrape"):
+            ScrapeMetrics(timeout_s=2).revision_counts("fault", garbage.url)
+    with pytest.raises(MetricsUnavailableError, match="cannot scrape"):
+        ScrapeMetrics(timeout_s=2).revision_counts("fault", garbage.url)  # now closed
+
+
+def test_garbage_metrics_hold_then_roll_back_and_counts_are_unknown(platform, versions, scratch):
+    """The whole rollout once (the truncated body takes the same path, see the test above; both run
+    in `bench/faults.py`)."""
+    out = _run("garbage_metrics_html", platform, versions, scratch)
     assert out.candidate_share == 0, out.detail
     assert out.detail["failed_counts_unknown"], out.detail
     assert "No usable canary data" in out.detail["reason"], out.detail
