@@ -323,6 +323,8 @@ DEMO_ROLLOUT_ENV = {
     "MLOPS_ROLLOUT_AB_MIN_LIFT": "0.5",
     # Drift reports and retraining look at the last 25 s of traffic: the demo's drift is that recent.
     "MLOPS_RECENT_WINDOW_S": "25",
+    # Alerts wait 15 s, not the rules' minute or more: the demo's whole drift episode lasts about that.
+    "MLOPS_ALERT_FOR_MAX_S": "15",
 }
 
 

@@ -64,5 +64,6 @@ def build_resources(settings: Settings) -> dict:
             tracking_uri=settings.mlflow_tracking_uri,
             mlflow_ui_port=settings.mlflow_ui_port,
             prometheus_port=settings.prometheus_port,
+            alert_for_max_s=settings.alert_for_max_s,
         ),
     }

@@ -30,6 +30,7 @@ VARIABLES: dict[str, str] = {
     "MLOPS_NAMESPACE": "mlops",
     "MLOPS_K8S_MANIFESTS": "k8s/overlays/prod (kubernetes: the kustomization the platform assets apply)",
     "MLOPS_RECENT_WINDOW_S": "3600",
+    "MLOPS_ALERT_FOR_MAX_S": "(none: the rules' own `for:`)",
     "MLOPS_ROLLOUT_STEPS": "5,25,50",
     "MLOPS_ROLLOUT_MIN_REQUESTS": "100",
     "MLOPS_ROLLOUT_MAX_ERROR_RATE": "0.01",
@@ -57,6 +58,7 @@ class Settings:
     rollout: dict = None  # RolloutPolicy overrides from MLOPS_ROLLOUT_*
     metrics_source: str = "router"  # one of METRICS_SOURCES
     k8s_manifests: str = ""  # kubernetes: the kustomization directory the platform assets apply ("" = k8s/overlays/prod)
+    alert_for_max_s: float | None = None  # local: cap on the alert rules' `for:` (the demo's compressed time)
 
     @property
     def mlflow_artifact_root(self) -> Path:
@@ -131,4 +133,5 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         recent_window_s=_positive(environ, "MLOPS_RECENT_WINDOW_S"),
         metrics_source=metrics_source,
         k8s_manifests=environ.get("MLOPS_K8S_MANIFESTS", ""),
+        alert_for_max_s=_positive(environ, "MLOPS_ALERT_FOR_MAX_S") if environ.get("MLOPS_ALERT_FOR_MAX_S") else None,
     )

@@ -24,3 +24,18 @@ def test_promtool_unit_tests_pass():
     tests = RULES_FILE.with_name("mlops-alerts.test.yaml")
     out = subprocess.run(["promtool", "test", "rules", tests.name], cwd=tests.parent, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_the_capped_copy_the_demo_uses_is_valid_and_only_shortens_for(tmp_path):
+    import yaml
+
+    from mlops_assets.platform.services import capped_rules
+
+    capped = capped_rules(tmp_path, 15)
+    out = subprocess.run(["promtool", "check", "rules", str(capped)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    original, copy = yaml.safe_load(RULES_FILE.read_text()), yaml.safe_load(capped.read_text())
+    pairs = zip(original["groups"], copy["groups"], strict=True)
+    rules = [(a, b) for ga, gb in pairs for a, b in zip(ga["rules"], gb["rules"], strict=True)]
+    assert rules and all({**a, "for": None} == {**b, "for": None} for a, b in rules)
+    assert {b["for"] for _, b in rules if "for" in b} == {"15s"}

@@ -44,6 +44,8 @@ class LocalPlatformServices(PlatformServices):
     tracking_uri: str
     mlflow_ui_port: int
     prometheus_port: int
+    #: Cap on the alert rules' `for:` durations (None: as written); the demo compresses them.
+    alert_for_max_s: float | None = None
 
     @property
     def _home(self) -> Path:
@@ -82,6 +84,8 @@ class LocalPlatformServices(PlatformServices):
         if services.prometheus_binary() is None:
             return {"installed": False, "note": "prometheus not on PATH: metrics are scraped directly from the routers"}
         rules = [services.RULES_FILE] if services.RULES_FILE.exists() else []
+        if rules and self.alert_for_max_s:
+            rules = [services.capped_rules(self._home, self.alert_for_max_s)]
         record = services.start_prometheus(self._home, self.prometheus_port, rules=rules, mlflow_port=self.mlflow_ui_port)
         return {"installed": True, "url": record.url, "pid": record.pid, "log": record.log, "rules": ", ".join(map(str, rules))}
 

@@ -88,6 +88,29 @@ def start_mlflow_ui(home: Path, tracking_uri: str, artifact_root: Path, port: in
     return record
 
 
+_DURATION = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def capped_rules(home: Path, max_for_s: float, source: Path = RULES_FILE) -> Path:
+    """A copy of the alert rules with every `for:` capped at `max_for_s` (the rules themselves are
+    unchanged): the demo compresses time the way its rollout policy does, so an alert that waits a
+    minute in production waits seconds there. Written under `home/prometheus/`."""
+    import re
+
+    import yaml
+
+    doc = yaml.safe_load(source.read_text())
+    for group in doc.get("groups", []):
+        for rule in group.get("rules", []):
+            match = re.fullmatch(r"(\d+)(ms|s|m|h|d)", str(rule.get("for", "")))
+            if match and int(match[1]) * _DURATION[match[2]] > max_for_s:
+                rule["for"] = f"{max(1, round(max_for_s))}s"
+    out = home / "prometheus" / f"rules-for-max-{max(1, round(max_for_s))}s.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return out
+
+
 def prometheus_binary() -> str | None:
     return shutil.which("prometheus")
 
