@@ -14,6 +14,7 @@ import pytest
 
 from mlops_assets import processes
 from mlops_assets.definitions import ALL_ASSETS, ALL_CHECKS
+from mlops_assets.models.data import FEATURES
 from mlops_assets.models.registry import CHAMPION, MlflowRegistry
 from mlops_assets.models.training import Fault, train_and_register
 from mlops_assets.monitoring.alerts import PrometheusAlerts
@@ -68,14 +69,18 @@ def test_alerts_on_a_failing_stable_revision_and_on_drift_launch_rollback_and_re
         f"{status.url}/-/drift", data=json.dumps({"share": 0.5, "features": {"amount": 0.4}}).encode(), method="POST"
     )
     urllib.request.urlopen(request, timeout=5).read()
-    traffic = TrafficGenerator(platform, "fraud-detector", rate=30).start()
+    traffic = TrafficGenerator(platform, "fraud-detector", rate=60).start()
     try:
         deadline, result = time.monotonic() + 200, None
         while time.monotonic() < deadline:
             result = _tick(alerts, platform)
             if isinstance(result, list) and {r.job_name for r in result} == {"rollback_job", "retrain_job"}:
                 break
-            time.sleep(3)
+            time.sleep(2)
+        # Retraining needs 200 logged rows (a quarter of the successful requests are logged): keep the
+        # users on until the router has logged that many, with a margin.
+        while time.monotonic() < deadline and len(platform.recent_payloads("fraud-detector", FEATURES)) < 250:
+            time.sleep(2)
     finally:
         traffic.stop()
     assert isinstance(result, list), result
