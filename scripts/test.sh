@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
 # Install the project with its test extras into .venv (pinned by constraints.txt), install the
 # services the tests use where this machine allows (Debian's prometheus, as root), lint, run pytest.
+#
+# With arguments, they go to one pytest run (e.g. `./scripts/test.sh -k router`). Without, the whole
+# suite runs in two lanes so that 2 cores stay busy: the end-to-end demo test (mostly waiting on the
+# daemon, sensors and alerts, and built to pass on a busy box) runs beside the tests that compute or
+# talk to stand-ins without judging latency; then the tests that judge real traffic against latency
+# SLOs (rollouts, faults, the local platform) run alone. Every lane must pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
@@ -11,4 +17,52 @@ if ! command -v prometheus >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v a
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null) || echo "prometheus could not be installed"
 fi
 .venv/bin/ruff check mlops_assets mlops_assets_tests bench
-exec .venv/bin/python -m pytest "$@"
+if [ $# -gt 0 ]; then
+  exec .venv/bin/python -m pytest "$@"
+fi
+
+T=mlops_assets_tests
+# Beside the demo: no latency SLOs, no rollout decisions on real traffic.
+BESIDE_DEMO=(
+  $T/test_ab.py $T/test_alert_rules.py $T/test_analysis.py $T/test_cluster_metrics.py $T/test_cluster_platform.py
+  $T/test_daemon_watch.py $T/test_definitions.py $T/test_drift.py $T/test_drift_asset.py $T/test_k8s_manifests.py
+  $T/test_kubernetes_platform.py $T/test_manifest.py $T/test_metrics.py $T/test_payload_sink.py $T/test_processes.py
+  $T/test_registry.py $T/test_registry_faults.py $T/test_router_faults.py $T/test_sensor.py $T/test_settings.py
+  $T/test_storage_uri.py
+)
+ALONE=()
+for f in $T/test_*.py; do
+  case " ${BESIDE_DEMO[*]} $T/test_demo.py " in *" $f "*) ;; *) ALONE+=("$f") ;; esac
+done
+
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+set +e
+.venv/bin/python -m pytest -p no:cacheprovider --basetemp="$out/demo" --junitxml="$out/demo.xml" $T/test_demo.py >"$out/demo.log" 2>&1 &
+demo=$!
+.venv/bin/python -m pytest -p no:cacheprovider --basetemp="$out/beside" --junitxml="$out/beside.xml" "${BESIDE_DEMO[@]}"
+rc_beside=$?
+wait $demo
+rc_demo=$?
+echo "---- lane: the end-to-end demo (ran beside the tests above) ----"
+cat "$out/demo.log"
+echo "---- lane: tests that judge real traffic against latency SLOs, alone ----"
+.venv/bin/python -m pytest -p no:cacheprovider --basetemp="$out/alone" --junitxml="$out/alone.xml" "${ALONE[@]}"
+rc_alone=$?
+set -e
+# One closing line for the whole suite.
+.venv/bin/python - "$out" <<'EOF'
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+totals = dict(tests=0, failures=0, errors=0, skipped=0)
+for xml in sorted(Path(sys.argv[1]).glob("*.xml")):
+    for suite in ET.parse(xml).getroot().iter("testsuite"):
+        for key in totals:
+            totals[key] += int(suite.get(key, 0))
+failed = totals["failures"] + totals["errors"]
+passed = totals["tests"] - failed - totals["skipped"]
+print(f"suite: {passed} passed, {failed} failed, {totals['skipped']} skipped")
+EOF
+[ $rc_beside -eq 0 ] && [ $rc_demo -eq 0 ] && [ $rc_alone -eq 0 ]

@@ -492,10 +492,17 @@ class LocalPlatform(ServingPlatform):
                 report[revision] = str(exc)
         if to_start:
             with self._locked(name) as directory:
-                state = self._require(directory, name)
+                try:
+                    state = self._require(directory, name)
+                except UnknownServiceError:
+                    # Deleted while these started: nothing must outlive it.
+                    for _, record in to_start:
+                        processes.stop(record)
+                    raise
                 for revision, record in to_start:
                     info = state["revisions"].get(revision)
-                    if info is None:
+                    if info is None or revision not in self._kept(state):
+                        processes.stop(record)  # retired while it started
                         continue
                     if report[revision] == "restarted":
                         info["port"], info["last_error"] = record.port, ""
@@ -554,7 +561,12 @@ class LocalPlatform(ServingPlatform):
                     self._write_json(directory / "state.json", state)
                 raise
         with self._locked(name) as directory:
-            state = self._require_state(directory, name)
+            try:
+                state = self._require_state(directory, name)
+            except UnknownServiceError:
+                if started is not None:  # deleted while the new revision started
+                    processes.stop(started[1])
+                raise
             if started is not None and state["latest_created"] == started[0]:
                 state["revisions"][started[0]]["status"] = "ready"
                 state["latest_ready"] = started[0]
@@ -627,8 +639,11 @@ class LocalPlatform(ServingPlatform):
     def delete(self, name: str) -> None:
         with self._locked(name) as directory:
             self._require(directory, name)
+            # Gone for everyone first (the supervisor then restarts nothing), then stopped, then removed,
+            # all under the service's lock.
+            (directory / "manifest.json").unlink()
             self._stop_processes(directory)
-        shutil.rmtree(directory, ignore_errors=True)
+            shutil.rmtree(directory, ignore_errors=True)
         self._write_scrape_targets()
 
     def stop_all(self) -> list[str]:
