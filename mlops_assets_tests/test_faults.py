@@ -104,3 +104,27 @@ def test_a_run_killed_mid_canary_never_leaves_the_canary_serving(platform, versi
     assert out.recovery_s is not None and out.recovery_s < 30, out.detail
     assert out.stable_failed == 0, out.detail
     assert out.survived, out.detail
+
+
+def test_the_supervisors_restarts_back_off_reset_and_give_up():
+    """Restart bookkeeping on its own (plain Python, a fake clock): 1 s doubling to 60 s while starts
+    fail, reset after a minute up, and no more tries after 10 failures in a row."""
+    from mlops_assets.serving.supervisor import MAX_BACKOFF_S, MAX_FAILURES, Backoff
+
+    b, now = Backoff(), 100.0
+    assert b.due(now)
+    delays = []
+    for _ in range(MAX_FAILURES):
+        assert b.due(now)
+        b.record("could not start", now)
+        delays.append(b.delay_s)
+        assert not b.due(now)
+        now = b.next_try
+    assert delays[:4] == [1.0, 2.0, 4.0, 8.0] and max(delays) == MAX_BACKOFF_S
+    assert not b.due(now + 3600)  # gave up: left down until someone reconciles
+    up = Backoff()
+    up.record("restarted", 0.0)
+    up.record("restarted", 2.0)
+    assert up.delay_s == 2.0 and up.restarts == 2
+    up.settle(2.0 + 61)
+    assert up.delay_s == 0.0
