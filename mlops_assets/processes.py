@@ -121,6 +121,11 @@ def spawn(cmd: list[str], *, port: int, pid_file: Path, log_file: Path, env: dic
     tmp = pid_file.with_suffix(".tmp")
     tmp.write_text(json.dumps(asdict(record)))
     tmp.replace(pid_file)
+    # Right after exec, /proc/<pid>/cmdline can read empty for a moment, so `is_alive` would say no: a
+    # `stop` then would not stop it, and a supervisor would start a second copy. Return once it reads.
+    deadline = time.monotonic() + 5.0
+    while not is_alive(record) and _running(record.pid) and time.monotonic() < deadline:
+        time.sleep(0.002)
     return record
 
 

@@ -18,7 +18,7 @@ from mlops_assets import processes
 from mlops_assets.serving.manifest import Deployment, ManifestError, build_inference_service
 from mlops_assets.serving.metrics import ScrapeMetrics
 from mlops_assets.serving.platform import LocalPlatform, RolloutStateError, UnknownServiceError, http_json
-from mlops_assets_tests.conftest import ISVC, MODEL
+from mlops_assets_tests.conftest import ISVC, MODEL, processes_under
 from mlops_assets_tests.helpers import fire, valid_body
 
 
@@ -297,3 +297,52 @@ def test_stop_all_then_reconcile_restores_everything(platform):
     platform.reconcile(ISVC)
     after = platform.status(ISVC)
     assert after.ready and after.url == before.url and after.traffic == before.traffic
+
+
+def test_a_restart_racing_a_delete_leaves_no_process(platform, versions, mlops_home, monkeypatch):
+    """A full-suite run once leaked a model server: `delete` stopped the processes, released the
+    service lock, then removed the directory, and the supervisor restarted the revision in between.
+    Here a restart is attempted at exactly that moment (inside `delete`'s removal): it must find the
+    service gone and start nothing, and a start that does outlive its service is stopped."""
+    import shutil
+    import threading
+
+    from mlops_assets.serving import platform as platform_module
+
+    bare = LocalPlatform(home=str(mlops_home), ready_timeout_s=90, supervise=False)
+    name = bare.apply(
+        build_inference_service(Deployment(model_name="fraud_racer", version="1", storage_uri=versions["1"].download_uri))
+    ).name
+    platform.stop_supervisor()  # this test is the only one restarting things
+    pid_file = bare._dir(name) / "revisions" / f"{name}-predictor-00001.pid"
+    old = processes.read_record(pid_file)
+    outcome: dict = {}
+    real_rmtree = shutil.rmtree
+
+    def rmtree_with_a_restart_in_between(path, *args, **kwargs):
+        repairing = threading.Thread(target=lambda: outcome.setdefault("error", _raises(lambda: bare.repair(name))))
+        repairing.start()
+        deadline = time.monotonic() + 10
+        while (processes.read_record(pid_file) or old).pid == old.pid and time.monotonic() < deadline:
+            time.sleep(0.05)
+        outcome["spawned"] = processes.read_record(pid_file)
+        real_rmtree(path, *args, **kwargs)
+        outcome["thread"] = repairing
+
+    monkeypatch.setattr(platform_module.shutil, "rmtree", rmtree_with_a_restart_in_between)
+    bare.delete(name)
+    outcome["thread"].join(timeout=120)
+    monkeypatch.undo()
+    assert isinstance(outcome["error"], UnknownServiceError), outcome
+    spawned = outcome["spawned"]
+    assert spawned is None or spawned.pid == old.pid or not processes.is_alive(spawned)
+    assert not [p for p in processes_under(mlops_home) if f"/{name}/" in p]
+    platform.ensure_supervisor()
+
+
+def _raises(call):
+    try:
+        call()
+    except Exception as exc:  # noqa: BLE001 - returned for the assertion
+        return exc
+    return None
