@@ -124,7 +124,7 @@ def main(argv: list[str]) -> None:
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     backoffs: dict[str, dict[str, Backoff]] = {}
-    idle_since = time.monotonic()
+    idle_since, written = time.monotonic(), False
     _log(f"supervising InferenceServices under {home} every {interval:g}s")
     while not stopping:
         if not (home / "serving").is_dir():
@@ -136,9 +136,12 @@ def main(argv: list[str]) -> None:
             _log("no InferenceService left; exiting")
             return
         try:
-            for action in supervise_once(platform, backoffs):
+            actions = supervise_once(platform, backoffs)
+            for action in actions:
                 _log(action)
-            _write_status(platform, backoffs)
+            if actions or not written:  # the file changes only when something happened
+                _write_status(platform, backoffs)
+                written = True
         except Exception as exc:  # noqa: BLE001 - log and keep supervising
             _log(f"supervision pass failed: {exc!r}")
         time.sleep(interval)
