@@ -33,7 +33,7 @@ from scipy.stats import norm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlops_assets.rollout.ab import ABTest, msprt_p_value, planned_sample_size  # noqa: E402
+from mlops_assets.core.rollout.ab import ABTest, msprt_p_value, planned_sample_size  # noqa: E402
 
 BASE = 0.05
 LIFT = 0.10

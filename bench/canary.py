@@ -16,7 +16,7 @@ What it measures, on simulated request streams (seeded; every method sees the SA
     (median over the runs that promoted; rollbacks are counted apart).
 
 Methods
-- ours: `mlops_assets.rollout.analysis.CanaryAnalysis` with default `Thresholds()` (alpha 0.01, promote_alpha
+- ours: `mlops_assets.core.rollout.analysis.CanaryAnalysis` with default `Thresholds()` (alpha 0.01, promote_alpha
   0.05, error SLO 1%, steps 5/25/50, 100 requests per step), observing one window of counts every
   OBSERVE_EVERY_S = 5 seconds (a Prometheus-like cadence; (1) is also run at 1 s and printed for information).
 - flagger_like: Flagger's canary scheduler as in fluxcd/flagger `pkg/controller/scheduler.go`: a tick every
@@ -57,7 +57,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlops_assets.rollout.analysis import CanaryAnalysis, Decision, Thresholds, WindowCounts  # noqa: E402
+from mlops_assets.core.rollout.analysis import CanaryAnalysis, Decision, Thresholds, WindowCounts  # noqa: E402
 
 LEVELS = (5, 25, 50)  # canary percents of the step schedule (Flagger's stepWeights and our Thresholds.steps)
 OBSERVE_EVERY_S = 5

@@ -1,4 +1,4 @@
-"""Feature drift detection: time and memory of ours (`mlops_assets.monitoring.drift`) vs Evidently's DataDriftPreset.
+"""Feature drift detection: time and memory of ours (`mlops_assets.core.monitoring.drift`) vs Evidently's DataDriftPreset.
 
 What it measures (seeded; same data for both methods):
 - 100k rows x 50 numeric features, reference vs current. Features are of four shapes (normal, log-normal, gamma,
@@ -50,7 +50,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlops_assets.monitoring.drift import DriftConfig, ReferenceProfile, detect_drift  # noqa: E402
+from mlops_assets.core.monitoring.drift import DriftConfig, ReferenceProfile, detect_drift  # noqa: E402
 
 N_FEATURES = 50
 N_SHIFTED = 10

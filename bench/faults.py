@@ -29,10 +29,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlops_assets.models.registry import MlflowRegistry  # noqa: E402
-from mlops_assets.models.training import train_and_register  # noqa: E402
-from mlops_assets.platform import services  # noqa: E402
-from mlops_assets.serving.platform import LocalPlatform  # noqa: E402
+from mlops_assets.core.platform import services  # noqa: E402
+from mlops_assets.core.registry import MlflowRegistry  # noqa: E402
+from mlops_assets.core.serving.platform import LocalPlatform  # noqa: E402
+from mlops_assets.demo.training import train_and_register  # noqa: E402
 from mlops_assets_tests import fault_scenarios as fs  # noqa: E402
 
 NO_FAILOVER = {"lone_revision_killed", "router_killed"}

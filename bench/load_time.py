@@ -47,7 +47,7 @@ import time
 t0 = time.perf_counter()
 import mlops_assets.definitions as d
 t1 = time.perf_counter()
-d.defs.get_repository_def()
+d.build_definitions().get_repository_def()
 t2 = time.perf_counter()
 import json, sys
 heavy = {HEAVY!r}

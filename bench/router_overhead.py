@@ -1,8 +1,8 @@
 """Traffic-router overhead: latency and throughput of the aiohttp router vs the model server directly.
 
-What it measures: the cost of `mlops_assets/serving/router.py` (the local KServe-style traffic
+What it measures: the cost of `mlops_assets/servers/router.py` (the local KServe-style traffic
 router, an aiohttp reverse proxy with Prometheus counters) in front of one KServe model server
-(`mlops_assets/serving/model_server.py`) serving the real `fraud_detector` MLflow model.
+(`mlops_assets/servers/model_server.py`) serving the real `fraud_detector` MLflow model.
 
 Baseline: the same requests sent straight to the model server's port (no router). Both paths
 hit the same model-server process, so `added = routed - direct` is what the router costs.
@@ -142,13 +142,13 @@ class CpuMeter:
 
 # ---- set-up -------------------------------------------------------------------------------------
 def start_service():
-    from mlops_assets import processes
-    from mlops_assets.models.data import FEATURES, generate_fraud_data
-    from mlops_assets.models.registry import MlflowRegistry
-    from mlops_assets.models.training import train_and_register
-    from mlops_assets.serving.manifest import Deployment, build_inference_service
-    from mlops_assets.serving.payloads import v1_payload
-    from mlops_assets.serving.platform import LocalPlatform
+    from mlops_assets.core import processes
+    from mlops_assets.core.registry import MlflowRegistry
+    from mlops_assets.core.serving.manifest import Deployment, build_inference_service
+    from mlops_assets.core.serving.payloads import v1_payload
+    from mlops_assets.core.serving.platform import LocalPlatform
+    from mlops_assets.demo.data import FEATURES, generate_fraud_data
+    from mlops_assets.demo.training import train_and_register
 
     home = tempfile.mkdtemp(prefix="mlops-router-bench-")
     os.makedirs(f"{home}/mlflow")
@@ -374,7 +374,7 @@ def throughput(
 # ---- a candidate router (experiments) -----------------------------------------------------------
 def start_candidate(svc: dict, script: str) -> subprocess.Popen:
     """Run another router implementation (e.g. bench/router_tuned.py) on the platform's routes."""
-    from mlops_assets import processes
+    from mlops_assets.core import processes
 
     directory = Path(svc["home"]) / "serving" / "fraud-detector"
     port = processes.free_port()

@@ -1,48 +1,37 @@
-"""The code location: every domain's definitions merged, with resources for the environment."""
+"""The code location: everything under `defs/`, loaded the way `dg` projects are.
+
+`defs/` holds one folder per domain (platform, models, serving, monitoring) with its assets,
+checks, jobs and sensors, and `defs/resources.py`, the one place that picks implementations for
+the environment. The engine they call lives in `core/` and never imports Dagster.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dagster as dg
 
-from mlops_assets.models import assets as models
-from mlops_assets.models import sensors as model_sensors
-from mlops_assets.monitoring import assets as monitoring
-from mlops_assets.monitoring import sensors as monitoring_sensors
-from mlops_assets.platform import assets as platform
-from mlops_assets.resources import build_resources
-from mlops_assets.serving import assets as serving
-from mlops_assets.settings import load_settings
+from mlops_assets.defs.models import assets as models
+from mlops_assets.defs.monitoring import assets as monitoring
+from mlops_assets.defs.platform import assets as platform
+from mlops_assets.defs.serving import assets as serving
 
 #: Unbound definitions, for tests that supply their own resources.
 ALL_ASSETS = [*platform.defs.assets, *models.defs.assets, *serving.defs.assets, *monitoring.defs.assets]
 ALL_CHECKS = [*platform.defs.asset_checks, *serving.defs.asset_checks, *monitoring.defs.asset_checks]
 
-lifecycle_job = dg.define_asset_job(
-    "lifecycle_job",
-    selection=dg.AssetSelection.all() - dg.AssetSelection.groups("monitoring"),
-    description="Bring the platform up, train and register a model version, serve its champion.",
-)
-observe_serving_job = dg.define_asset_job(
-    "observe_serving_job",
-    selection=dg.AssetSelection.groups("serving"),
-    description="Record every InferenceService's traffic and request counts (applies nothing new).",
-)
-
 
 def build_definitions() -> dg.Definitions:
+    """Everything under `defs/`, with the resources for the environment (settings read now)."""
     return dg.Definitions.merge(
-        platform.defs,
-        models.defs,
-        serving.defs,
-        monitoring.defs,
-        model_sensors.defs,
-        monitoring_sensors.defs,
-        # One process per run, not per step: every step would otherwise pay ~3 s of imports
-        # (dagster, MLflow, pandas) on these 2-core machines; steps here are I/O-bound anyway.
-        dg.Definitions(
-            jobs=[lifecycle_job, observe_serving_job], resources=build_resources(load_settings()), executor=dg.in_process_executor
-        ),
+        dg.load_from_defs_folder(path_within_project=Path(__file__).parent),
+        # One process per run, not per step: every step would otherwise pay the imports of
+        # dagster, MLflow and pandas again; the steps here wait on I/O, not on CPU.
+        dg.Definitions(executor=dg.in_process_executor),
     )
 
 
-defs = build_definitions()
+@dg.definitions
+def defs() -> dg.Definitions:
+    """What `dagster`, `dg` and the code server load: built on load, never at import."""
+    return build_definitions()

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from mlops_assets.models.registry import MlflowRegistry
-from mlops_assets.models.training import Fault, train_and_register
-from mlops_assets.platform import services
-from mlops_assets.serving.platform import LocalPlatform
+from mlops_assets.core.platform import services
+from mlops_assets.core.registry import MlflowRegistry
+from mlops_assets.core.serving.platform import LocalPlatform
+from mlops_assets.demo.training import Fault, train_and_register
 
 MODEL = "fraud_detector"
 ISVC = "fraud-detector"

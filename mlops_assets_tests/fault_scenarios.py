@@ -29,12 +29,12 @@ from pathlib import Path
 
 import aiohttp
 
-from mlops_assets import processes
-from mlops_assets.rollout.analysis import Thresholds
-from mlops_assets.rollout.strategies import ROLLED_BACK, RolloutContext, run_canary
-from mlops_assets.serving.manifest import Deployment, build_inference_service
-from mlops_assets.serving.metrics import MetricsSource, RevisionCounts, ScrapeMetrics
-from mlops_assets.serving.platform import LocalPlatform
+from mlops_assets.core import processes
+from mlops_assets.core.rollout.analysis import Thresholds
+from mlops_assets.core.rollout.strategies import ROLLED_BACK, RolloutContext, run_canary
+from mlops_assets.core.serving.manifest import Deployment, build_inference_service
+from mlops_assets.core.serving.metrics import MetricsSource, RevisionCounts, ScrapeMetrics
+from mlops_assets.core.serving.platform import LocalPlatform
 from mlops_assets_tests.helpers import valid_body
 
 #: Fast enough for tests, strict enough to judge: 25% then 50%, and a short no-data deadline.
@@ -518,11 +518,11 @@ def strategy_raises(platform: LocalPlatform, versions: dict, scratch: Path) -> O
 _RUNNER = textwrap.dedent(
     """
     import os, signal, socket, sys, time, json
-    from mlops_assets.rollout.lock import LockInfo
-    from mlops_assets.rollout.strategies import RolloutContext, run_canary
-    from mlops_assets.rollout.analysis import Thresholds
-    from mlops_assets.serving.metrics import ScrapeMetrics
-    from mlops_assets.serving.platform import LocalPlatform
+    from mlops_assets.core.serving.lock import LockInfo
+    from mlops_assets.core.rollout.strategies import RolloutContext, run_canary
+    from mlops_assets.core.rollout.analysis import Thresholds
+    from mlops_assets.core.serving.metrics import ScrapeMetrics
+    from mlops_assets.core.serving.platform import LocalPlatform
 
     home, name, manifest_file, ready_file, supervise = sys.argv[1:6]
     # As Dagster does for a terminated run: SIGTERM becomes an exception inside the step.

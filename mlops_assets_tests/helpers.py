@@ -7,8 +7,8 @@ import json
 
 import aiohttp
 
-from mlops_assets.models.data import FEATURES, generate_fraud_data
-from mlops_assets.serving.payloads import v1_payload
+from mlops_assets.core.serving.payloads import v1_payload
+from mlops_assets.demo.data import FEATURES, generate_fraud_data
 
 
 def valid_body(rows: int = 1, seed: int = 5) -> bytes:

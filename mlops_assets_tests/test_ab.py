@@ -17,7 +17,7 @@ from scipy import integrate, stats
 from statsmodels.stats.power import NormalIndPower
 from statsmodels.stats.proportion import proportion_effectsize, proportions_ztest
 
-from mlops_assets.rollout.ab import (
+from mlops_assets.core.rollout.ab import (
     KEEP_A,
     NO_DIFFERENCE_YET,
     SHIP_B,

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from mlops_assets.platform.services import RULES_FILE
+from mlops_assets.core.platform.services import RULES_FILE
 
 pytestmark = pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian package `prometheus`)")
 
@@ -29,7 +29,7 @@ def test_promtool_unit_tests_pass():
 def test_the_capped_copy_the_demo_uses_is_valid_and_only_shortens_for(tmp_path):
     import yaml
 
-    from mlops_assets.platform.services import capped_rules
+    from mlops_assets.core.platform.services import capped_rules
 
     capped = capped_rules(tmp_path, 15)
     out = subprocess.run(["promtool", "check", "rules", str(capped)], capture_output=True, text=True, timeout=60)

@@ -12,19 +12,19 @@ import urllib.request
 import dagster as dg
 import pytest
 
-from mlops_assets import processes
+from mlops_assets.core import processes
+from mlops_assets.core.monitoring.alerts import PrometheusAlerts
+from mlops_assets.core.platform import services
+from mlops_assets.core.registry import CHAMPION, MlflowRegistry
+from mlops_assets.core.serving.manifest import Deployment, build_inference_service
+from mlops_assets.core.serving.platform import LocalPlatform
+from mlops_assets.core.settings import load_settings
 from mlops_assets.definitions import ALL_ASSETS, ALL_CHECKS
-from mlops_assets.models.data import FEATURES
-from mlops_assets.models.registry import CHAMPION, MlflowRegistry
-from mlops_assets.models.training import Fault, train_and_register
-from mlops_assets.monitoring.alerts import PrometheusAlerts
-from mlops_assets.monitoring.sensors import prometheus_alert_sensor
-from mlops_assets.platform import services
-from mlops_assets.resources import build_resources
-from mlops_assets.serving.manifest import Deployment, build_inference_service
-from mlops_assets.serving.platform import LocalPlatform
-from mlops_assets.settings import load_settings
-from mlops_assets.traffic import TrafficGenerator
+from mlops_assets.defs.monitoring.sensors import prometheus_alert_sensor
+from mlops_assets.defs.resources import build_resources
+from mlops_assets.demo.data import FEATURES
+from mlops_assets.demo.traffic import TrafficGenerator
+from mlops_assets.demo.training import Fault, train_and_register
 from mlops_assets_tests.conftest import processes_under
 
 pytestmark = pytest.mark.skipif(

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from mlops_assets.rollout.analysis import (
+from mlops_assets.core.rollout.analysis import (
     P95_SLOW_SHARE,
     BernoulliSLOTest,
     CanaryAnalysis,

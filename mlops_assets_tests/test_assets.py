@@ -8,12 +8,12 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from mlops_assets.core.platform import services
+from mlops_assets.core.processes import free_port
+from mlops_assets.core.serving.platform import LocalPlatform, http_json
+from mlops_assets.core.settings import load_settings
 from mlops_assets.definitions import ALL_ASSETS, ALL_CHECKS
-from mlops_assets.platform import services
-from mlops_assets.processes import free_port
-from mlops_assets.resources import build_resources
-from mlops_assets.serving.platform import LocalPlatform, http_json
-from mlops_assets.settings import load_settings
+from mlops_assets.defs.resources import build_resources
 from mlops_assets_tests.conftest import processes_under
 
 
@@ -139,9 +139,9 @@ def test_a_rollout_whose_run_died_is_reconciled_and_missing_traffic_never_promot
     the champion alias does not move."""
     import time
 
-    from mlops_assets.rollout.lock import LockInfo
-    from mlops_assets.rollout.resources import RolloutPolicy
-    from mlops_assets.serving.manifest import Deployment, build_inference_service
+    from mlops_assets.core.rollout.policy import RolloutPolicy
+    from mlops_assets.core.serving.lock import LockInfo
+    from mlops_assets.core.serving.manifest import Deployment, build_inference_service
 
     platform = LocalPlatform(home=str(home))
     registry = resources["mlflow"]

@@ -27,10 +27,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from mlops_assets.processes import free_port
-from mlops_assets.resources import build_resources
-from mlops_assets.serving.metrics import PrometheusMetrics, RevisionCounts
-from mlops_assets.settings import SettingsError, load_settings
+from mlops_assets.core.processes import free_port
+from mlops_assets.core.serving.metrics import PrometheusMetrics, RevisionCounts
+from mlops_assets.core.settings import SettingsError, load_settings
+from mlops_assets.defs.resources import build_resources
 
 ISVC = "fraud-detector"
 NAMESPACE = "mlops-serving"

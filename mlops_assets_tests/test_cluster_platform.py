@@ -19,10 +19,10 @@ import dagster as dg
 import kmock
 import pytest
 
-from mlops_assets.platform import cluster as cl
-from mlops_assets.platform.assets import READY_CHECKS, mlflow_backend_store, mlflow_server, prometheus
-from mlops_assets.platform.assets import artifact_store as artifact_store_asset
-from mlops_assets.platform.resources import ClusterPlatformServices
+from mlops_assets.core.platform import cluster as cl
+from mlops_assets.core.platform.backends import ClusterPlatformServices
+from mlops_assets.defs.platform.assets import READY_CHECKS, mlflow_backend_store, mlflow_server, prometheus
+from mlops_assets.defs.platform.assets import artifact_store as artifact_store_asset
 from mlops_assets_tests.kmock_server import Emulator, KmockServer
 
 DEV = cl.K8S_DIR / "overlays" / "dev"
@@ -99,7 +99,7 @@ def services(fake, manifests=DEV, **kwargs) -> ClusterPlatformServices:
 
 
 def _rows(info: dict) -> list[str]:
-    return info["objects"].value.splitlines()[2:]
+    return info["objects"].splitlines()[2:]
 
 
 # ---- pure helpers --------------------------------------------------------------------------------------
@@ -172,7 +172,7 @@ def test_readiness_reads_the_status_as_kubectl_rollout_status_does():
 
 
 def test_each_piece_owns_only_its_workloads_and_never_rbac_or_policies():
-    from mlops_assets.platform.kustomize import render
+    from mlops_assets.core.platform.kustomize import render
 
     docs = render(PROD)
     owned = {piece: {cl.describe(d) for d in cl.piece_objects(docs, piece)} for piece in cl.PIECES}
@@ -237,13 +237,13 @@ def test_a_job_that_differs_is_reported_and_not_patched(fake):
 def test_readiness_waits_for_every_workload_and_says_what_is_missing(fake):
     svc = services(fake)
     not_yet = svc.readiness("tracking_server")
-    assert not_yet["ready"] is False and "missing on the cluster" in not_yet["objects"].value
+    assert not_yet["ready"] is False and "missing on the cluster" in not_yet["objects"]
     svc.reconcile("tracking_server")
     rolling = svc.readiness("tracking_server")
-    assert rolling["ready"] is False and "0/1 ready, 0/1 updated" in rolling["objects"].value
+    assert rolling["ready"] is False and "0/1 ready, 0/1 updated" in rolling["objects"]
     fake.finish_rollouts()
     done = svc.readiness("tracking_server")
-    assert done["ready"] is True and "1/1 ready" in done["objects"].value
+    assert done["ready"] is True and "1/1 ready" in done["objects"]
 
 
 def test_platform_assets_and_ready_checks_materialize_against_the_cluster(fake):

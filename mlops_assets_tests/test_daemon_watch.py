@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from mlops_assets.processes import free_port
+from mlops_assets.core.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = str(Path(sys.executable).with_name("mlops-assets"))
@@ -135,7 +135,7 @@ def test_demo_stops_within_seconds_when_its_daemon_dies(tmp_path):
 def test_a_daemon_that_stops_heartbeating_stops_the_demos_waits(tmp_path, monkeypatch):
     from dagster import DagsterInstance
 
-    from mlops_assets.cli import Daemon, wait_for_sensor_run
+    from mlops_assets.cli.main import Daemon, wait_for_sensor_run
     from mlops_assets.instance import create_storage
 
     dagster_home = fresh_dagster_home(tmp_path / "dagster")

@@ -15,9 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _defs():
-    from mlops_assets.definitions import defs
+    from mlops_assets.definitions import build_definitions
 
-    return defs
+    return build_definitions()
 
 
 def test_definitions_are_loadable():
@@ -89,7 +89,7 @@ def test_loading_imports_no_heavy_libraries(tmp_path):
 def test_kubernetes_mode_loads_without_touching_a_cluster(tmp_path):
     """MLOPS_ENV=kubernetes picks KubernetesPlatform and PrometheusMetrics; loading contacts nothing."""
     code = (
-        "import sys, json; from mlops_assets.definitions import defs; "
+        "import sys, json; from mlops_assets.definitions import build_definitions; defs = build_definitions(); "
         "r = defs.resources; print(json.dumps([type(r['serving']).__name__, type(r['metrics']).__name__, "
         "'kubernetes' in sys.modules]))"
     )
@@ -99,6 +99,10 @@ def test_kubernetes_mode_loads_without_touching_a_cluster(tmp_path):
     assert json.loads(out.stdout.strip().splitlines()[-1]) == ["KubernetesPlatform", "PrometheusMetrics", False]
     env.pop("MLOPS_PROMETHEUS_URL")
     out = subprocess.run(
-        [sys.executable, "-c", "import mlops_assets.definitions"], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", "from mlops_assets.definitions import build_definitions; build_definitions()"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode != 0 and "MLOPS_PROMETHEUS_URL" in out.stderr

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from mlops_assets.processes import free_port
+from mlops_assets.core.processes import free_port
 from mlops_assets_tests.conftest import processes_under
 
 

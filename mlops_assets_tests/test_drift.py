@@ -1,4 +1,4 @@
-"""Tests of feature drift detection (`mlops_assets.monitoring.drift`) and its reports (`.report`).
+"""Tests of feature drift detection (`mlops_assets.core.monitoring.drift`) and its reports (`.report`).
 
 What they pin down:
 - the statistics are the textbook ones: KS statistic and p-value against `scipy.stats.ks_2samp(method="asymp")`,
@@ -26,8 +26,7 @@ import pytest
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
-from mlops_assets.models.data import CATEGORICAL_FEATURES, FEATURES, NUMERIC_FEATURES, generate_fraud_data
-from mlops_assets.monitoring.drift import (
+from mlops_assets.core.monitoring.drift import (
     ALL_NULL,
     CONSTANT,
     DRIFT,
@@ -41,7 +40,8 @@ from mlops_assets.monitoring.drift import (
     benjamini_hochberg,
     detect_drift,
 )
-from mlops_assets.monitoring.report import drift_plot_png, render_html
+from mlops_assets.core.monitoring.report import drift_plot_png, render_html
+from mlops_assets.demo.data import CATEGORICAL_FEATURES, FEATURES, NUMERIC_FEATURES, generate_fraud_data
 
 
 def one_feature(reference: np.ndarray, current: np.ndarray, config: DriftConfig | None = None, kind: str = "numeric"):
@@ -398,7 +398,7 @@ def test_html_report_is_self_contained_with_one_histogram_per_feature(tmp_path, 
 
 def test_reuse_freed_arrays_applies_once_on_glibc():
     """The allocator tuning is on for the process (glibc here) and idempotent."""
-    from mlops_assets.monitoring.drift import reuse_freed_arrays
+    from mlops_assets.core.monitoring.drift import reuse_freed_arrays
 
     assert reuse_freed_arrays() is True
     assert reuse_freed_arrays() is True

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from mlops_assets.serving.metrics import MetricsUnavailableError, ScrapeMetrics
+from mlops_assets.core.serving.metrics import MetricsUnavailableError, ScrapeMetrics
 from mlops_assets_tests import fault_scenarios as fs
 
 
@@ -109,7 +109,7 @@ def test_a_run_killed_mid_canary_never_leaves_the_canary_serving(platform, versi
 def test_the_supervisors_restarts_back_off_reset_and_give_up():
     """Restart bookkeeping on its own (plain Python, a fake clock): 1 s doubling to 60 s while starts
     fail, reset after a minute up, and no more tries after 10 failures in a row."""
-    from mlops_assets.serving.supervisor import MAX_BACKOFF_S, MAX_FAILURES, Backoff
+    from mlops_assets.core.serving.supervisor import MAX_BACKOFF_S, MAX_FAILURES, Backoff
 
     b, now = Backoff(), 100.0
     assert b.due(now)

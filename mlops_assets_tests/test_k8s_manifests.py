@@ -2,7 +2,7 @@
 
 No Kubernetes API server, Helm, Istio, KServe or cluster Prometheus runs here. What stands in:
 
-- Rendering: the project's small kustomize (`mlops_assets/platform/kustomize.py`: resources,
+- Rendering: the project's small kustomize (`mlops_assets/core/platform/kustomize.py`: resources,
   labels, configMapGenerator, patches as strategic merge) renders `k8s/base` and every overlay.
   It refuses any kustomization feature it does not implement; where `kubectl` is on PATH,
   `kubectl kustomize` must produce the same objects.
@@ -37,7 +37,7 @@ import jsonschema
 import pytest
 import yaml
 
-from mlops_assets.platform.kustomize import CLUSTER_SCOPED_KINDS, KustomizeError, load_yaml_docs, render, resource_id
+from mlops_assets.core.platform.kustomize import CLUSTER_SCOPED_KINDS, KustomizeError, load_yaml_docs, render, resource_id
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -64,7 +64,7 @@ CUSTOM_GROUPS = ("serving.kserve.io", "security.istio.io", "networking.istio.io"
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
 DAGSTER_RELEASE = {"name": "dagster", "namespace": "mlops", "fullname": "dagster"}
 USER_CODE_IMAGE = "ghcr.io/mlops-assets/user-code:0.1.0"
-PAYLOAD_SINK_MODULE = "mlops_assets.serving.payload_sink"
+PAYLOAD_SINK_MODULE = "mlops_assets.servers.payload_sink"
 
 _DNS_1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS_1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -224,7 +224,7 @@ def test_kubernetes_validate_really_rejects_a_broken_object(rendered):
 
 @pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
 def test_inference_services_validate_against_the_kserve_crd(rendered, isvc_schema, name):
-    from mlops_assets.serving.manifest import check_inference_service
+    from mlops_assets.core.serving.manifest import check_inference_service
 
     isvcs = objects(rendered[name], "InferenceService")
     assert isvcs
@@ -514,8 +514,8 @@ def test_prometheus_rules_configmap_is_the_rules_file(rendered):
 
 def test_prometheus_scrape_jobs_match_the_local_platform_labels(rendered):
     """Job and label names agree with the local Prometheus, so one set of PromQL serves both."""
-    from mlops_assets.platform import services
-    from mlops_assets.serving.metrics import PrometheusMetrics
+    from mlops_assets.core.platform import services
+    from mlops_assets.core.serving.metrics import PrometheusMetrics
 
     config = yaml.safe_load(get(rendered["base"], "ConfigMap", "monitoring", "prometheus-config")["data"]["prometheus.yml"])
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
@@ -552,7 +552,7 @@ def test_kserve_configuration_is_sound(rendered):
 
 
 def test_settings_configmap_matches_the_project(rendered, helm_values):
-    from mlops_assets.settings import VARIABLES, load_settings
+    from mlops_assets.core.settings import VARIABLES, load_settings
 
     env = get(rendered["base"], "ConfigMap", "mlops", "mlops-env")["data"]
     assert set(env) <= set(VARIABLES), f"unknown settings {set(env) - set(VARIABLES)}"
@@ -1071,7 +1071,7 @@ def test_payload_sink_is_wired_to_the_logger_and_mlflow(rendered, helm_values, n
     isvc = get(docs, "InferenceService", "mlops-serving", "fraud-detector")
     logger = isvc["spec"]["predictor"]["logger"]
     assert logger == {"mode": "request", "url": f"http://{service['metadata']['name']}.mlops-serving.svc.cluster.local"}
-    from mlops_assets.serving.kubernetes import PAYLOAD_SINK_URL
+    from mlops_assets.core.serving.kubernetes import PAYLOAD_SINK_URL
 
     assert logger["url"] == PAYLOAD_SINK_URL, "rollouts set the logger URL the manifests serve"
 
@@ -1433,7 +1433,9 @@ def test_run_pods_built_by_dagster_k8s_are_valid_and_unprivileged(
     from dagster_k8s.job import construct_dagster_k8s_job
     from dagster_k8s.launcher import K8sRunLauncher
 
-    from mlops_assets.definitions import defs
+    from mlops_assets.definitions import build_definitions
+
+    defs = build_definitions()
 
     config = _process(K8sRunLauncher, chart_run_launcher(helm_values)["config"])
     kubeconfig = tmp_path / "kubeconfig"
@@ -1494,7 +1496,7 @@ def test_run_pods_built_by_dagster_k8s_are_valid_and_unprivileged(
 def test_platform_role_grants_exactly_what_the_platform_assets_apply(rendered, name):
     """Role mlops-platform, per namespace, grants get + create (+ patch unless immutable) on each kind the
     `platform/*` assets own in the overlay, and nothing else."""
-    from mlops_assets.platform.cluster import IMMUTABLE_KINDS, PIECES, piece_objects, plural
+    from mlops_assets.core.platform.cluster import IMMUTABLE_KINDS, PIECES, piece_objects, plural
 
     docs = rendered[name]
     needed: dict[str, set] = {}

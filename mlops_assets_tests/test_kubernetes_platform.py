@@ -36,9 +36,9 @@ import numpy as np
 import pytest
 from pydantic import PrivateAttr
 
-from mlops_assets.rollout.analysis import Thresholds
-from mlops_assets.rollout.strategies import PROMOTED, ROLLED_BACK, RolloutContext, run_canary
-from mlops_assets.serving.kubernetes import (
+from mlops_assets.core.rollout.analysis import Thresholds
+from mlops_assets.core.rollout.strategies import PROMOTED, ROLLED_BACK, RolloutContext, run_canary
+from mlops_assets.core.serving.kubernetes import (
     REVISIONS,
     ROLLED_BACK_FROM,
     KServeNotInstalledError,
@@ -47,9 +47,9 @@ from mlops_assets.serving.kubernetes import (
     KubernetesUnreachableError,
     ServiceNotReadyError,
 )
-from mlops_assets.serving.manifest import Deployment, ManifestError, build_inference_service
-from mlops_assets.serving.metrics import MetricsSource, RevisionCounts
-from mlops_assets.serving.platform import RolloutStateError, UnknownServiceError
+from mlops_assets.core.serving.manifest import Deployment, ManifestError, build_inference_service
+from mlops_assets.core.serving.metrics import MetricsSource, RevisionCounts
+from mlops_assets.core.serving.platform import RolloutStateError, UnknownServiceError
 from mlops_assets_tests.kmock_server import Emulator, KmockServer
 
 NS = "mlops-serving"
@@ -235,7 +235,7 @@ def platform(cluster) -> KubernetesPlatform:
 
 # ---- the interface ---------------------------------------------------------------------------------
 def test_the_module_loads_without_importing_kubernetes():
-    code = "import sys, mlops_assets.serving.kubernetes; sys.exit('kubernetes' in sys.modules)"
+    code = "import sys, mlops_assets.core.serving.kubernetes; sys.exit('kubernetes' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
 
 
@@ -541,7 +541,7 @@ LEASES = kmock.resource("coordination.k8s.io", "v1", "leases")
 
 def test_the_rollout_lock_is_a_lease_that_every_run_pod_sees(cluster):
     """Two platforms stand for two run pods on different nodes: they share only the API server."""
-    from mlops_assets.rollout.lock import LockInfo, RolloutInProgressError
+    from mlops_assets.core.serving.lock import LockInfo, RolloutInProgressError
 
     pod_a = KubernetesPlatform(host=cluster.url, namespace=NS).rollout_lock(NAME)
     pod_b = KubernetesPlatform(host=cluster.url, namespace=NS).rollout_lock(NAME)
@@ -568,7 +568,7 @@ def test_the_rollout_lock_is_a_lease_that_every_run_pod_sees(cluster):
 
 
 def test_a_lease_the_service_account_may_not_write_names_the_rule(cluster):
-    from mlops_assets.rollout.lock import LockInfo
+    from mlops_assets.core.serving.lock import LockInfo
 
     forbidden = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 403, "reason": "Forbidden"}
     cluster.run(lambda api: api["post", LEASES] << 403 << {**forbidden, "message": "cannot create leases"})
@@ -585,7 +585,7 @@ def test_the_cluster_gets_the_logger_the_service_account_and_a_storage_uri_kserv
 
     import yaml
 
-    from mlops_assets.serving.kubernetes import ARTIFACTS_DESTINATION, KSERVE_SERVICE_ACCOUNT, PAYLOAD_SINK_URL
+    from mlops_assets.core.serving.kubernetes import ARTIFACTS_DESTINATION, KSERVE_SERVICE_ACCOUNT, PAYLOAD_SINK_URL
 
     platform = KubernetesPlatform(
         host=cluster.url,

@@ -14,10 +14,10 @@ import psutil
 import pytest
 from scipy.stats import binomtest
 
-from mlops_assets import processes
-from mlops_assets.serving.manifest import Deployment, ManifestError, build_inference_service
-from mlops_assets.serving.metrics import ScrapeMetrics
-from mlops_assets.serving.platform import LocalPlatform, RolloutStateError, UnknownServiceError, http_json
+from mlops_assets.core import processes
+from mlops_assets.core.serving.manifest import Deployment, ManifestError, build_inference_service
+from mlops_assets.core.serving.metrics import ScrapeMetrics
+from mlops_assets.core.serving.platform import LocalPlatform, RolloutStateError, UnknownServiceError, http_json
 from mlops_assets_tests.conftest import ISVC, MODEL, processes_under
 from mlops_assets_tests.helpers import fire, valid_body
 
@@ -66,8 +66,8 @@ def test_servers_and_router_listen_on_loopback_only(platform, v1_status):
 
 
 def test_v1_and_v2_protocols_answer_through_the_router(v1_status):
-    from mlops_assets.models.data import FEATURES, generate_fraud_data
-    from mlops_assets.serving.payloads import v1_payload, v2_payload
+    from mlops_assets.core.serving.payloads import v1_payload, v2_payload
+    from mlops_assets.demo.data import FEATURES, generate_fraud_data
 
     frame = generate_fraud_data(4, seed=9)[FEATURES]
     code, body = http_json(v1_status.predict_url("v1"), v1_payload(frame))
@@ -307,7 +307,7 @@ def test_a_restart_racing_a_delete_leaves_no_process(platform, versions, mlops_h
     import shutil
     import threading
 
-    from mlops_assets.serving import platform as platform_module
+    from mlops_assets.core.serving import platform as platform_module
 
     bare = LocalPlatform(home=str(mlops_home), ready_timeout_s=90, supervise=False)
     name = bare.apply(

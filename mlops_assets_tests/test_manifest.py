@@ -5,7 +5,7 @@ from __future__ import annotations
 import jsonschema
 import pytest
 
-from mlops_assets.serving.manifest import (
+from mlops_assets.core.serving.manifest import (
     Deployment,
     ManifestError,
     build_inference_service,

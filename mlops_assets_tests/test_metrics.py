@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from mlops_assets.serving.metrics import MetricsUnavailableError, RevisionCounts, ScrapeMetrics, parse_router_metrics
-from mlops_assets.serving.router import LATENCY_BUCKETS, RoutingError, validate_routes
+from mlops_assets.core.serving.metrics import MetricsUnavailableError, RevisionCounts, ScrapeMetrics, parse_router_metrics
+from mlops_assets.servers.router import LATENCY_BUCKETS, RoutingError, validate_routes
 
 
 def _exposition(latencies: dict[str, np.ndarray], codes: dict[str, dict[str, int]]) -> str:

@@ -1,6 +1,6 @@
 """The cluster's payload log: KServe's payload logger -> the payload sink -> object storage -> the drift reports.
 
-Real parts: the payload sink runs as its own process (`python -m mlops_assets.serving.payload_sink`),
+Real parts: the payload sink runs as its own process (`python -m mlops_assets.servers.payload_sink`),
 and the store is a real MLflow tracking server with `--serve-artifacts` (its artifact proxy; on a
 cluster MinIO sits behind it, here a local directory), read back by `KubernetesPlatform.recent_payloads`
 through the same proxy. The stand-in: KServe's agent cannot run here, so the test POSTs the CloudEvents
@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from mlops_assets import processes
-from mlops_assets.models.data import FEATURES, generate_fraud_data
-from mlops_assets.platform import services
-from mlops_assets.serving.kubernetes import KubernetesPlatform, KubernetesPlatformError
-from mlops_assets.serving.payload_sink import store_for
-from mlops_assets.serving.payloads import v1_payload, v2_payload
+from mlops_assets.core import processes
+from mlops_assets.core.platform import services
+from mlops_assets.core.serving.kubernetes import KubernetesPlatform, KubernetesPlatformError
+from mlops_assets.core.serving.payloads import v1_payload, v2_payload
+from mlops_assets.demo.data import FEATURES, generate_fraud_data
+from mlops_assets.servers.payload_sink import store_for
 
 ISVC = "fraud-detector"
 
@@ -55,7 +55,7 @@ def mlflow_proxy(tmp_path_factory):
 def sink(mlflow_proxy, tmp_path):
     _, store, _ = mlflow_proxy
     port = processes.free_port()
-    cmd = [sys.executable, "-m", "mlops_assets.serving.payload_sink", "--port", str(port), "--store", store]
+    cmd = [sys.executable, "-m", "mlops_assets.servers.payload_sink", "--port", str(port), "--store", store]
     cmd += ["--sample-rate", "1.0", "--flush-s", "3600"]  # flushed on demand in these tests
     record = _spawn(cmd, tmp_path, "sink", port, "/-/healthy", 60)
     yield f"http://127.0.0.1:{port}"
@@ -148,7 +148,7 @@ def test_a_dead_store_keeps_the_batch_and_the_reader_names_the_store(tmp_path, m
     dead = processes.free_port()
     port = processes.free_port()
     store = store_for(f"http://127.0.0.1:{dead}")
-    cmd = [sys.executable, "-m", "mlops_assets.serving.payload_sink", "--port", str(port), "--store", store]
+    cmd = [sys.executable, "-m", "mlops_assets.servers.payload_sink", "--port", str(port), "--store", store]
     record = _spawn([*cmd, "--sample-rate", "1.0", "--flush-s", "3600"], tmp_path, "sink", port, "/-/healthy", 60)
     sink = f"http://127.0.0.1:{port}"
     try:
@@ -168,10 +168,10 @@ def test_a_dead_store_keeps_the_batch_and_the_reader_names_the_store(tmp_path, m
 
 def test_the_cluster_platform_turns_on_kserves_payload_logger():
     """The InferenceService a cluster gets carries `spec.predictor.logger` pointing at the sink."""
-    from mlops_assets.resources import build_resources
-    from mlops_assets.serving.kubernetes import PAYLOAD_SINK_URL
-    from mlops_assets.serving.manifest import Deployment, build_inference_service
-    from mlops_assets.settings import load_settings
+    from mlops_assets.core.serving.kubernetes import PAYLOAD_SINK_URL
+    from mlops_assets.core.serving.manifest import Deployment, build_inference_service
+    from mlops_assets.core.settings import load_settings
+    from mlops_assets.defs.resources import build_resources
 
     environ = {
         "MLOPS_ENV": "kubernetes",

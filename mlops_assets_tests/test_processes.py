@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from mlops_assets import processes
+from mlops_assets.core import processes
 
 
 def test_spawned_process_is_tracked_and_stopped(tmp_path):
@@ -25,7 +25,7 @@ def test_spawned_process_is_tracked_and_stopped(tmp_path):
 def test_a_recycled_pid_is_not_mistaken_for_our_server(tmp_path):
     import os
 
-    fake = processes.ProcessRecord(pid=os.getpid(), port=1, cmd=["python", "-m", "mlops_assets.serving.router", "x"], log="")
+    fake = processes.ProcessRecord(pid=os.getpid(), port=1, cmd=["python", "-m", "mlops_assets.servers.router", "x"], log="")
     assert not processes.is_alive(fake)
 
 

@@ -7,7 +7,7 @@ import json
 import mlflow.pyfunc
 import pytest
 
-from mlops_assets.models.registry import CHAMPION, MlflowRegistry, RegistryError, UnknownModelError
+from mlops_assets.core.registry import CHAMPION, MlflowRegistry, RegistryError, UnknownModelError
 from mlops_assets_tests.conftest import MODEL
 
 

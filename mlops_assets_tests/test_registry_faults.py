@@ -29,7 +29,7 @@ import dagster as dg
 import pytest
 import sqlalchemy.exc
 
-from mlops_assets.models.registry import (
+from mlops_assets.core.registry import (
     CHAMPION,
     AliasNotSetError,
     MlflowRegistry,
@@ -37,8 +37,8 @@ from mlops_assets.models.registry import (
     RegistryError,
     RegistryUnavailableError,
 )
-from mlops_assets.models.sensors import mlflow_registry_sensor
-from mlops_assets.models.training import train_and_register
+from mlops_assets.defs.models.sensors import mlflow_registry_sensor
+from mlops_assets.demo.training import train_and_register
 
 MODEL = "fraud_detector"
 

@@ -12,15 +12,15 @@ import time
 
 import pytest
 
-from mlops_assets import processes
-from mlops_assets.platform import services
-from mlops_assets.rollout.ab import ABTest
-from mlops_assets.rollout.analysis import Thresholds
-from mlops_assets.rollout.lock import FileRolloutLock, LockInfo, RolloutInProgressError
-from mlops_assets.rollout.strategies import PROMOTED, ROLLED_BACK, RolloutContext, run_ab_test, run_blue_green, run_canary
-from mlops_assets.serving.manifest import Deployment, build_inference_service
-from mlops_assets.serving.metrics import PrometheusMetrics, ScrapeMetrics
-from mlops_assets.traffic import TrafficGenerator
+from mlops_assets.core import processes
+from mlops_assets.core.platform import services
+from mlops_assets.core.rollout.ab import ABTest
+from mlops_assets.core.rollout.analysis import Thresholds
+from mlops_assets.core.rollout.strategies import PROMOTED, ROLLED_BACK, RolloutContext, run_ab_test, run_blue_green, run_canary
+from mlops_assets.core.serving.lock import FileRolloutLock, LockInfo, RolloutInProgressError
+from mlops_assets.core.serving.manifest import Deployment, build_inference_service
+from mlops_assets.core.serving.metrics import PrometheusMetrics, ScrapeMetrics
+from mlops_assets.demo.traffic import TrafficGenerator
 from mlops_assets_tests.helpers import valid_body
 
 MODEL = "fraud_rollout"

@@ -1,5 +1,5 @@
 """The traffic router under faults, with real processes: each test starts the router as
-`python -m mlops_assets.serving.router router.json` in front of small upstream HTTP servers (a few
+`python -m mlops_assets.servers.router router.json` in front of small upstream HTTP servers (a few
 lines of asyncio, started here as their own processes on 127.0.0.1) and breaks something: kills an
 upstream with requests in flight, closes keep-alive connections, sends headers that are not latin-1
 or not UTF-8, deeply nested or oversized control bodies, a bad routing table, a dead revision
@@ -198,7 +198,7 @@ def launch_router(tmp_path: Path, routes: dict) -> tuple[list[str], Path]:
     (tmp_path / "routes.json").write_text(json.dumps(routes))
     config = tmp_path / "router.json"
     config.write_text(json.dumps({"isvc": ISVC, "routes_file": str(tmp_path / "routes.json"), "port": port}))
-    return [sys.executable, "-m", "mlops_assets.serving.router", str(config)], tmp_path / "router.log"
+    return [sys.executable, "-m", "mlops_assets.servers.router", str(config)], tmp_path / "router.log"
 
 
 @pytest.fixture

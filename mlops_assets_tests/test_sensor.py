@@ -8,9 +8,9 @@ import json
 import dagster as dg
 import pytest
 
-from mlops_assets.models.registry import CHALLENGER, CHAMPION, MlflowRegistry
-from mlops_assets.models.sensors import mlflow_registry_sensor
-from mlops_assets.models.training import train_and_register
+from mlops_assets.core.registry import CHALLENGER, CHAMPION, MlflowRegistry
+from mlops_assets.defs.models.sensors import mlflow_registry_sensor
+from mlops_assets.demo.training import train_and_register
 
 MODEL = "fraud_detector"
 

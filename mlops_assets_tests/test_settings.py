@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mlops_assets.settings import VARIABLES, SettingsError, load_settings
+from mlops_assets.core.settings import VARIABLES, SettingsError, load_settings
 
 
 def test_defaults(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from mlops_assets.serving.manifest import (
+from mlops_assets.core.serving.manifest import (
     KSERVE_STORAGE_PREFIXES,
     Deployment,
     ManifestError,
@@ -109,8 +109,8 @@ def test_a_hand_edited_manifest_is_checked_too():
 
 def test_the_uri_a_registered_version_hands_out_is_accepted(tmp_path):
     """What serving/assets.py deploys: a real SQLite registry's download_uri for a trained version."""
-    from mlops_assets.models.registry import MlflowRegistry
-    from mlops_assets.models.training import train_and_register
+    from mlops_assets.core.registry import MlflowRegistry
+    from mlops_assets.demo.training import train_and_register
 
     registry = MlflowRegistry(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_root=str(tmp_path / "artifacts"))
     version = train_and_register(registry, "fraud_detector", n_rows=500, seed=1)
@@ -124,7 +124,7 @@ def test_the_uri_a_registered_version_hands_out_is_accepted(tmp_path):
 def test_the_cluster_refuses_a_proxied_uri_it_cannot_map():
     """KubernetesPlatform maps mlflow-artifacts:/ to its bucket; without one it refuses before any API call
     (KServe would read the URI as a relative path and crash-loop). No API server is contacted here."""
-    from mlops_assets.serving.kubernetes import KubernetesPlatform
+    from mlops_assets.core.serving.kubernetes import KubernetesPlatform
 
     manifest = build_inference_service(Deployment(storage_uri="mlflow-artifacts:/1/m-abc/artifacts", **BASE))
     with pytest.raises(ManifestError, match="artifact proxy, which KServe cannot read"):

@@ -1,0 +1,158 @@
+"""The platform pieces that run beside the models: the MLflow tracking server (its UI) and Prometheus.
+
+Locally they are detached processes on 127.0.0.1 with pid files under `MLOPS_HOME/platform`, started
+idempotently (an asset materialized twice does not start a second copy) and stopped by
+`mlops-assets stop`. On a cluster the same pieces come from the manifests in `k8s/`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from mlops_assets.core import processes
+
+PROMETHEUS_CONFIG = """\
+global:
+  scrape_interval: {interval}
+  evaluation_interval: {interval}
+scrape_configs:
+  - job_name: mlops-serving
+    file_sd_configs:
+      - files: ['{targets}']
+        refresh_interval: 5s
+  - job_name: mlflow
+    static_configs:
+      - targets: ['127.0.0.1:{mlflow_port}']
+"""
+#: The alert rules shipped in k8s/ and used as is by the local Prometheus.
+RULES_FILE = Path(__file__).resolve().parents[3] / "k8s" / "base" / "monitoring" / "rules" / "mlops-alerts.yaml"
+
+
+def _pid_file(home: Path, name: str) -> Path:
+    return home / "platform" / f"{name}.pid"
+
+
+def running(home: Path, name: str) -> processes.ProcessRecord | None:
+    record = processes.read_record(_pid_file(home, name))
+    return record if record is not None and processes.is_alive(record) else None
+
+
+#: MLflow's server starts ~15 processes and 3 GB for job execution, which nothing here uses.
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+def mlflow_server_command(tracking_uri: str, port: int, *extra: str) -> list[str]:
+    """`mlflow server` on 127.0.0.1:`port` with one worker (the venv's own `mlflow`), plus `extra` options."""
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    return [
+        str(mlflow_bin) if mlflow_bin.exists() else "mlflow",
+        "server",
+        "--backend-store-uri",
+        tracking_uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        *extra,
+    ]
+
+
+def start_mlflow_ui(home: Path, tracking_uri: str, artifact_root: Path, port: int) -> processes.ProcessRecord:
+    """The MLflow tracking server for its UI: loopback, one worker, no job execution."""
+    record = running(home, "mlflow-server")
+    if record is not None:
+        return record
+    processes.ensure_port_free(port)
+    artifact_root.mkdir(parents=True, exist_ok=True)
+    cmd = mlflow_server_command(
+        tracking_uri,
+        port,
+        "--default-artifact-root",
+        artifact_root.as_uri(),
+        # /metrics for Prometheus, so the MLflowDown alert has something to watch.
+        "--expose-prometheus",
+        str(home / "mlflow" / "prometheus"),
+    )
+    record = processes.spawn(
+        cmd,
+        port=port,
+        pid_file=_pid_file(home, "mlflow-server"),
+        log_file=home / "logs" / "mlflow-server.log",
+        env=MLFLOW_SERVER_ENV,
+    )
+    processes.wait_http(record, "/health", 90, "MLflow tracking server")
+    return record
+
+
+_DURATION = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def capped_rules(home: Path, max_for_s: float, source: Path = RULES_FILE) -> Path:
+    """A copy of the alert rules with every `for:` capped at `max_for_s` (the rules themselves are
+    unchanged): the demo compresses time the way its rollout policy does, so an alert that waits a
+    minute in production waits seconds there. Written under `home/prometheus/`."""
+    import re
+
+    import yaml
+
+    doc = yaml.safe_load(source.read_text())
+    for group in doc.get("groups", []):
+        for rule in group.get("rules", []):
+            match = re.fullmatch(r"(\d+)(ms|s|m|h|d)", str(rule.get("for", "")))
+            if match and int(match[1]) * _DURATION[match[2]] > max_for_s:
+                rule["for"] = f"{max(1, round(max_for_s))}s"
+    out = home / "prometheus" / f"rules-for-max-{max(1, round(max_for_s))}s.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return out
+
+
+def prometheus_binary() -> str | None:
+    return shutil.which("prometheus")
+
+
+def start_prometheus(
+    home: Path, port: int, interval: str = "2s", rules: list[Path] | None = None, mlflow_port: int = 5055
+) -> processes.ProcessRecord:
+    """Prometheus scraping every local router and model server (file-based discovery)."""
+    record = running(home, "prometheus")
+    if record is not None:
+        return record
+    binary = prometheus_binary()
+    if binary is None:
+        raise FileNotFoundError("prometheus is not on PATH (Debian package `prometheus`)")
+    processes.ensure_port_free(port)
+    base = home / "prometheus"
+    targets = base / "targets" / "serving.json"
+    targets.parent.mkdir(parents=True, exist_ok=True)
+    if not targets.exists():
+        targets.write_text("[]")
+    config = base / "prometheus.yml"
+    text = PROMETHEUS_CONFIG.format(interval=interval, targets=targets, mlflow_port=mlflow_port)
+    if rules:
+        text += "rule_files:\n" + "".join(f"  - '{r}'\n" for r in rules)
+    config.write_text(text)
+    cmd = [
+        binary,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={base / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--web.enable-lifecycle",
+    ]
+    record = processes.spawn(cmd, port=port, pid_file=_pid_file(home, "prometheus"), log_file=home / "logs" / "prometheus.log")
+    processes.wait_http(record, "/-/ready", 60, "Prometheus")
+    return record
+
+
+def stop_all(home: Path) -> list[str]:
+    stopped = []
+    for name in ("mlflow-server", "prometheus"):
+        record = running(home, name)
+        if record is not None:
+            processes.stop(record)
+            stopped.append(name)
+    return stopped

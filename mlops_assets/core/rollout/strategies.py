@@ -1,0 +1,410 @@
+"""Rollout strategies as plain Python: canary, blue-green and A/B over any `ServingPlatform`.
+
+Each strategy applies traffic changes with KServe semantics, reads per-revision counts from a
+`MetricsSource`, lets the sequential analysis decide, and reports every traffic change through
+`emit` with the evidence behind it (the Dagster layer turns those into asset events). Metrics that
+cannot be read are never taken as success: the analysis holds and, past its deadline, rolls back.
+A strategy never promotes on a timeout. Whatever goes wrong inside a strategy (an exception, the
+run being interrupted, the candidate's server going down) leaves the candidate at 0% before the
+strategy returns or raises: a canary never keeps traffic with nobody watching it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from mlops_assets.core.rollout.analysis import CanaryAnalysis, Decision, Thresholds, Verdict, WindowCounts
+from mlops_assets.core.serving.metrics import MetricsSource, MetricsUnavailableError, RevisionCounts
+from mlops_assets.core.serving.platform import ServiceStatus, ServingPlatform
+
+PROMOTED, ROLLED_BACK, UNCHANGED = "promoted", "rolled_back", "unchanged"
+
+
+@dataclass
+class RolloutEvent:
+    kind: str  # canary_start, step, hold, promote, rollback, green_deployed, validated, switch, ab_start, ab_decision
+    percent: int | None
+    status: ServiceStatus
+    evidence: dict
+    elapsed_s: float
+
+
+@dataclass
+class RolloutResult:
+    strategy: str
+    outcome: str
+    candidate_revision: str | None
+    stable_revision: str | None
+    #: Failed requests per revision during the rollout; None when the final metrics could not be
+    #: read (unknown is not zero).
+    candidate_failed_requests: int | None
+    stable_failed_requests: int | None
+    duration_s: float
+    reason: str
+    evidence: dict = field(default_factory=dict)
+
+
+@dataclass
+class RolloutContext:
+    platform: ServingPlatform
+    metrics: MetricsSource
+    isvc: str
+    emit: Callable[[RolloutEvent], None]
+    log: Callable[[str], None] = print
+    poll_s: float = 2.0
+    timeout_s: float = 900.0
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+    started: float = 0.0
+    #: Set by the strategy: the revision under test, and whether its fate was decided (promoted or
+    #: rolled back on purpose) so the failure guard must not undo it.
+    candidate: str | None = None
+    stable_before: str | None = None
+    candidate_crashes: int = 0  # the candidate's crash count when it was deployed
+    decided: bool = False
+
+    def elapsed(self) -> float:
+        return self.clock() - self.started
+
+    def event(self, kind: str, status: ServiceStatus, evidence: dict, percent: int | None = None) -> None:
+        self.log(f"{self.isvc}: {kind} {'' if percent is None else f'-> {percent}% '}{evidence.get('reason', '')}")
+        self.emit(RolloutEvent(kind, percent, status, evidence, round(self.elapsed(), 2)))
+
+    def counts(self, url: str) -> dict[str, RevisionCounts] | None:
+        try:
+            return self.metrics.revision_counts(self.isvc, url)
+        except MetricsUnavailableError as exc:
+            self.log(f"{self.isvc}: metrics unavailable ({exc}); holding")
+            return None
+        except Exception as exc:  # noqa: BLE001 - any unreadable answer is "no data", never success
+            self.log(f"{self.isvc}: metrics unavailable ({type(exc).__name__}: {exc}); holding")
+            return None
+
+
+class CandidateNotRolledBackError(RuntimeError):
+    """A strategy failed and so did the rollback of its candidate: the rollout lock must stay
+    taken, so the next rollout treats this one as dead and rolls the service back first."""
+
+
+def guarded(strategy: Callable[..., RolloutResult]) -> Callable[..., RolloutResult]:
+    """Run a strategy so that any exception (or interruption) inside it first rolls its candidate
+    back to 0%, with an event saying why, then propagates."""
+
+    def run(ctx: RolloutContext, *args, **kwargs) -> RolloutResult:
+        try:
+            return strategy(ctx, *args, **kwargs)
+        except BaseException as exc:
+            if ctx.candidate is None or ctx.decided:
+                raise
+            try:
+                status = ctx.platform.status(ctx.isvc)
+                if status.percent_of(ctx.candidate) > 0 and ctx.candidate != ctx.stable_before:
+                    status = ctx.platform.rollback(ctx.isvc)
+                    reason = f"{strategy.__name__} failed ({type(exc).__name__}: {exc}); candidate rolled back to 0%"
+                    ctx.event("rollback", status, {"reason": reason, "failure": repr(exc)[:500]}, 0)
+            except Exception as rollback_exc:
+                raise CandidateNotRolledBackError(
+                    f"{ctx.isvc}: {strategy.__name__} failed ({exc!r}) and rolling candidate {ctx.candidate} back "
+                    f"failed too ({rollback_exc!r}); the next rollout of {ctx.isvc} will roll it back first"
+                ) from exc
+            raise
+
+    run.__name__, run.__doc__ = strategy.__name__, strategy.__doc__
+    return run
+
+
+def _with_percent(manifest: dict, percent: int | None) -> dict:
+    manifest = copy.deepcopy(manifest)
+    if percent is None:
+        manifest["spec"]["predictor"].pop("canaryTrafficPercent", None)
+    else:
+        manifest["spec"]["predictor"]["canaryTrafficPercent"] = percent
+    return manifest
+
+
+def _diff(now: dict[str, RevisionCounts], base: dict[str, RevisionCounts], rev: str) -> RevisionCounts:
+    current = now.get(rev, RevisionCounts())
+    earlier = base.get(rev, RevisionCounts())
+    if current.requests < earlier.requests:  # the router restarted: its counters began again
+        return current
+    return current.minus(earlier)
+
+
+def _window(now, before, candidate, stable, slow_s) -> WindowCounts:
+    c, b = _diff(now, before, candidate), _diff(now, before, stable)
+    return WindowCounts(
+        canary_requests=c.requests,
+        canary_errors=c.errors,
+        canary_slow=c.slow_count(slow_s),
+        baseline_requests=b.requests,
+        baseline_errors=b.errors,
+        baseline_slow=b.slow_count(slow_s),
+    )
+
+
+def _failed(ctx: RolloutContext, start_counts, url: str, rev: str | None) -> int | None:
+    """Failed requests on `rev` since `start_counts`; None when either snapshot is missing."""
+    if rev is None:
+        return 0
+    now = ctx.counts(url)
+    if now is None or start_counts is None:
+        return None
+    return _diff(now, start_counts, rev).errors
+
+
+def _plus(a: int | None, b: int | None) -> int | None:
+    return None if a is None or b is None else a + b
+
+
+def _candidate_down(ctx: RolloutContext, candidate: str, crashes_before: int) -> str | None:
+    """Why the candidate has failed without a single bad answer being counted (its server is down,
+    or crashed and was restarted), or None."""
+    try:
+        status = ctx.platform.status(ctx.isvc)
+    except Exception as exc:  # noqa: BLE001 - the platform's view is unavailable: hold, as with metrics
+        ctx.log(f"{ctx.isvc}: status unavailable ({exc}); holding")
+        return None
+    info = status.revisions.get(candidate) or {}
+    if info.get("status") in ("down", "failed"):
+        return f"candidate revision {candidate} is {info['status']}: {status.message or 'its server is not running'}"
+    if int(info.get("crashes", 0)) > crashes_before:
+        return f"candidate revision {candidate} crashed during the rollout: {status.message or 'restarted'}"
+    return None
+
+
+def _watch(ctx: RolloutContext, analysis: CanaryAnalysis, candidate: str, stable: str, url: str, slow_s: float, on_step):
+    """Feed windows to the analysis until it promotes or rolls back (or the run times out)."""
+    before = ctx.counts(url)
+    crashes_before = ctx.candidate_crashes if candidate == ctx.candidate else 0
+    deadline = ctx.started + ctx.timeout_s
+    while ctx.clock() < deadline:
+        ctx.sleep(ctx.poll_s)
+        now = ctx.counts(url)
+        window = _window(now, before, candidate, stable, slow_s) if (now is not None and before is not None) else None
+        verdict = analysis.observe(window, ctx.clock())
+        if now is not None:
+            before = now
+        if verdict.decision in (Decision.PROMOTE, Decision.ROLLBACK):
+            return verdict
+        down = _candidate_down(ctx, candidate, crashes_before)
+        if down is not None:
+            # The router has ejected it and serves its share from the stable revision; a candidate that
+            # crashes under real traffic has failed, so do not wait for the no-data deadline.
+            return Verdict(Decision.ROLLBACK, down, 0, {**verdict.evidence, "fired": ["candidate_down"]})
+        if verdict.decision == Decision.CONTINUE and on_step is not None:
+            on_step(verdict)
+    return None
+
+
+def _deploy_candidate(
+    ctx: RolloutContext, manifest: dict, percent: int, strategy: str
+) -> tuple[ServiceStatus, str | None, str | None, RolloutResult | None]:
+    """Apply `manifest` with `percent` of traffic on its revision: (status, candidate, stable, result), the
+    result set (UNCHANGED) only when the manifest matches the serving revision, so there is nothing to roll out."""
+    try:
+        ctx.stable_before = ctx.platform.status(ctx.isvc).latest_rolledout
+    except Exception:  # noqa: BLE001 - a first deployment has no stable revision
+        ctx.stable_before = None
+    ctx.candidate = None
+    status = ctx.platform.apply(_with_percent(manifest, percent))
+    candidate, stable = status.latest_ready, status.latest_rolledout
+    if candidate != stable:
+        ctx.candidate = candidate
+        ctx.candidate_crashes = int((status.revisions.get(candidate) or {}).get("crashes", 0))
+    if candidate == stable:
+        return (
+            status,
+            candidate,
+            stable,
+            RolloutResult(strategy, UNCHANGED, candidate, stable, 0, 0, 0.0, "the manifest matches the serving revision"),
+        )
+    return status, candidate, stable, None
+
+
+@guarded
+def run_canary(ctx: RolloutContext, manifest: dict, thresholds: Thresholds) -> RolloutResult:
+    """Ramp the new revision through `thresholds.steps`; promote or roll back on the evidence."""
+    ctx.started = ctx.clock()
+    analysis = CanaryAnalysis(thresholds, started_at=ctx.clock())
+    status, candidate, stable, unchanged = _deploy_candidate(ctx, manifest, analysis.percent, "canary")
+    if unchanged is not None:
+        return unchanged
+    start_counts = ctx.counts(status.url)
+    ctx.event("canary_start", status, {"candidate": candidate, "stable": stable, "reason": "canary deployed"}, analysis.percent)
+    current = {"percent": analysis.percent}
+
+    def on_step(verdict) -> None:
+        if verdict.percent != current["percent"]:
+            current["percent"] = verdict.percent
+            new_status = ctx.platform.set_canary_percent(ctx.isvc, verdict.percent)
+            ctx.event("step", new_status, {"reason": verdict.reason, **verdict.evidence}, verdict.percent)
+
+    verdict = _watch(ctx, analysis, candidate, stable, status.url, thresholds.max_p95_latency_s, on_step)
+    if verdict is not None and verdict.decision == Decision.PROMOTE:
+        status = ctx.platform.promote(ctx.isvc)
+        outcome, kind, percent = PROMOTED, "promote", 100
+    else:
+        status = ctx.platform.rollback(ctx.isvc)
+        outcome, kind, percent = ROLLED_BACK, "rollback", 0
+    ctx.decided = True
+    reason = verdict.reason if verdict is not None else f"no decision within {ctx.timeout_s:.0f}s: rolled back, never promoted"
+    evidence = {"reason": reason, **(verdict.evidence if verdict is not None else {})}
+    ctx.event(kind, status, evidence, percent)
+    return RolloutResult(
+        "canary",
+        outcome,
+        candidate,
+        stable,
+        _failed(ctx, start_counts, status.url, candidate),
+        _failed(ctx, start_counts, status.url, stable),
+        round(ctx.elapsed(), 2),
+        reason,
+        evidence,
+    )
+
+
+def _post(url: str, body: bytes, headers: dict | None = None, timeout: float = 10.0) -> int:
+    request = urllib.request.Request(url, data=body, headers={"content-type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            resp.read()
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 599
+
+
+@guarded
+def run_blue_green(
+    ctx: RolloutContext,
+    manifest: dict,
+    thresholds: Thresholds,
+    validation_body: bytes,
+    validation_requests: int = 50,
+) -> RolloutResult:
+    """Green at 0% next to blue; validate green through its `latest` tag route; switch all traffic
+    at once; keep blue warm until the post-switch analysis passes; roll back instantly if not."""
+    ctx.started = ctx.clock()
+    status, green, blue, unchanged = _deploy_candidate(ctx, manifest, 0, "blue_green")
+    if unchanged is not None:
+        return unchanged
+    start_counts = ctx.counts(status.url)
+    ctx.event("green_deployed", status, {"green": green, "blue": blue, "reason": "green at 0%, blue serves"}, 0)
+    tag_url = status.predict_url("v1", tag="latest")  # only green answers there (KServe's tag routing)
+    codes = [_post(tag_url, validation_body) for _ in range(validation_requests)]
+    errors = sum(c >= 500 for c in codes)
+    after = ctx.counts(status.url)
+    green_counts = _diff(after, start_counts or {}, green) if after is not None else RevisionCounts()
+    p95 = green_counts.latency_quantile(0.95)
+    evidence = {
+        "validation_requests": validation_requests,
+        "validation_errors": errors,
+        "validation_client_errors": sum(400 <= c < 500 for c in codes),
+        "green_p95_s": p95,
+        "max_error_rate": thresholds.max_error_rate,
+        "max_p95_latency_s": thresholds.max_p95_latency_s,
+    }
+    valid = (
+        after is not None
+        and errors / validation_requests <= thresholds.max_error_rate
+        and p95 is not None
+        and p95 <= thresholds.max_p95_latency_s
+    )
+    if not valid:
+        status = ctx.platform.rollback(ctx.isvc)
+        ctx.decided = True
+        reason = "green failed validation through its tag route; blue never stopped serving"
+        ctx.event("rollback", status, {"reason": reason, **evidence}, 0)
+        return RolloutResult("blue_green", ROLLED_BACK, green, blue, errors, 0, round(ctx.elapsed(), 2), reason, evidence)
+    ctx.event("validated", status, {"reason": "green passed validation", **evidence}, 0)
+    status = ctx.platform.promote(ctx.isvc)
+    ctx.event("switch", status, {"reason": "all traffic switched to green; blue kept warm", **evidence}, 100)
+    # Post-switch: green serves everything, so only the absolute SLO tests can speak.
+    post = CanaryAnalysis(Thresholds(**{**thresholds.__dict__, "steps": (thresholds.steps[-1],)}), started_at=ctx.clock())
+    verdict = _watch(ctx, post, green, blue, status.url, thresholds.max_p95_latency_s, None)
+    post_evidence = {**evidence, **(verdict.evidence if verdict is not None else {})}
+    if verdict is not None and verdict.decision == Decision.PROMOTE:
+        reason = "post-switch analysis passed"
+        ctx.event("promote", status, {"reason": reason, **post_evidence}, 100)
+        outcome = PROMOTED
+    else:
+        status = ctx.platform.rollback(ctx.isvc)
+        reason = verdict.reason if verdict is not None else "post-switch analysis reached no decision: rolled back to blue"
+        ctx.event("rollback", status, {"reason": reason, **post_evidence}, 0)
+        outcome = ROLLED_BACK
+    ctx.decided = True
+    return RolloutResult(
+        "blue_green",
+        outcome,
+        green,
+        blue,
+        _plus(errors, _failed(ctx, start_counts, status.url, green)),
+        _failed(ctx, start_counts, status.url, blue),
+        round(ctx.elapsed(), 2),
+        reason,
+        post_evidence,
+    )
+
+
+@guarded
+def run_ab_test(ctx: RolloutContext, manifest: dict, ab, split_percent: int = 50) -> RolloutResult:
+    """Split users stickily between A (the rolled-out revision) and B (the new one), read success
+    outcomes reported through the router's feedback endpoint, and stop when the always-valid
+    p-value says so. B is shipped only on evidence that it is better; otherwise A stays."""
+    ctx.started = ctx.clock()
+    status, b_rev, a_rev, unchanged = _deploy_candidate(ctx, manifest, split_percent, "ab_test")
+    if unchanged is not None:
+        return unchanged
+    start = ctx.counts(status.url) or {}
+    ctx.event(
+        "ab_start",
+        status,
+        {"a": a_rev, "b": b_rev, "reason": f"users split {100 - split_percent}/{split_percent}"},
+        split_percent,
+    )
+    deadline = ctx.started + ctx.timeout_s
+    recommendation, evidence = "no_difference_yet", {}
+    while ctx.clock() < deadline:
+        ctx.sleep(ctx.poll_s)
+        now = ctx.counts(status.url)
+        if now is None:
+            continue
+        a, b = _diff(now, start, a_rev), _diff(now, start, b_rev)
+        ab.update(
+            a.feedback_success,
+            a.feedback_success + a.feedback_failure,
+            b.feedback_success,
+            b.feedback_success + b.feedback_failure,
+        )
+        rec = ab.recommendation()
+        recommendation, evidence = rec.decision, {"reason_detail": rec.reason, **rec.evidence}
+        if recommendation != "no_difference_yet":
+            break
+    evidence = json.loads(json.dumps(evidence, default=str))
+    if recommendation == "ship_b":
+        status = ctx.platform.promote(ctx.isvc)
+        outcome, kind, percent, reason = PROMOTED, "promote", 100, "B is better with an always-valid p-value below alpha"
+    else:
+        status = ctx.platform.rollback(ctx.isvc)
+        outcome, kind, percent = ROLLED_BACK, "rollback", 0
+        reason = "A is better" if recommendation == "keep_a" else "no significant difference by the deadline: A stays"
+    ctx.decided = True
+    ctx.event(kind, status, {"reason": reason, "recommendation": recommendation, **evidence}, percent)
+    return RolloutResult(
+        "ab_test",
+        outcome,
+        b_rev,
+        a_rev,
+        _failed(ctx, start, status.url, b_rev),
+        _failed(ctx, start, status.url, a_rev),
+        round(ctx.elapsed(), 2),
+        reason,
+        {"recommendation": recommendation, **evidence},
+    )

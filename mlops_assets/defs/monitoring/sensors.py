@@ -1,0 +1,87 @@
+"""`prometheus_alert_sensor`: alerts on a model act on their own.
+
+A latency or error-rate alert on a model's stable revision launches `rollback_job` (traffic back to
+the previous good revision, which LocalPlatform and KServe keep warm). A drift alert launches
+`retrain_job` on recent traffic; the new version then goes through the canary that
+`mlflow_registry_sensor` starts, closing the loop. Run keys make each alert act once per firing;
+Prometheus down means a skipped tick that says so.
+"""
+
+import dagster as dg
+
+from mlops_assets.core.monitoring.alerts import RETRAIN_ALERTS, ROLLBACK_ALERTS, AlertsUnavailableError, PrometheusAlerts
+from mlops_assets.core.serving.manifest import isvc_name_for
+from mlops_assets.core.serving.platform import ServingPlatform, UnknownServiceError
+from mlops_assets.defs.models.assets import MODEL_NAMES, retrain_job
+from mlops_assets.defs.serving.assets import rollback_job
+
+MODEL_BY_ISVC = {isvc_name_for(name): name for name in MODEL_NAMES}
+
+
+@dg.sensor(
+    name="prometheus_alert_sensor",
+    minimum_interval_seconds=10,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    jobs=[rollback_job, retrain_job],
+    description="Rolls back on latency/error alerts of a stable revision; retrains on drift alerts.",
+)
+def prometheus_alert_sensor(
+    context: dg.SensorEvaluationContext,
+    prometheus_alerts: dg.ResourceParam[PrometheusAlerts],
+    serving: dg.ResourceParam[ServingPlatform],
+):
+    try:
+        alerts = prometheus_alerts.firing()
+    except AlertsUnavailableError as exc:
+        return dg.SkipReason(f"{exc}; nothing acted on")
+    requests, notes = [], []
+    for alert in alerts:
+        labels = alert.get("labels", {})
+        name, isvc = labels.get("alertname", ""), labels.get("isvc", "")
+        model = MODEL_BY_ISVC.get(isvc)
+        if model is None or name not in ROLLBACK_ALERTS | RETRAIN_ALERTS:
+            continue
+        summary = (alert.get("annotations") or {}).get("summary", name)
+        if name in ROLLBACK_ALERTS:
+            try:
+                status = serving.status(isvc)
+            except UnknownServiceError:
+                notes.append(f"{name} on unknown service {isvc}")
+                continue
+            revision = labels.get("revision")
+            if revision != status.latest_rolledout or not status.previous_rolledout:
+                notes.append(f"{name} on {isvc}/{revision}: not the stable revision, or nothing to roll back to")
+                continue
+            requests.append(
+                dg.RunRequest(
+                    run_key=f"rollback:{isvc}:{revision}",
+                    job_name="rollback_job",
+                    run_config={
+                        "ops": {
+                            f"serving__{model}": {"config": {"strategy": "rollback", "triggered_by": f"alert {name}: {summary}"}}
+                        }
+                    },
+                    asset_selection=[dg.AssetKey(["serving", model]), dg.AssetKey(["models", f"{model}_champion"])],
+                    tags={"mlops-assets/isvc": isvc, "mlops-assets/alert": name},
+                )
+            )
+        else:
+            requests.append(
+                dg.RunRequest(
+                    run_key=f"retrain:{isvc}:{alert.get('activeAt', '')}",
+                    job_name="retrain_job",
+                    run_config={
+                        "ops": {f"models__{model}": {"config": {"recent_data": True, "triggered_by": f"alert {name}: {summary}"}}}
+                    },
+                    asset_selection=[dg.AssetKey(["models", model])],
+                    tags={"mlops-assets/alert": name, "mlops-assets/isvc": isvc},
+                )
+            )
+    if not requests:
+        return dg.SkipReason(
+            "; ".join(notes) or f"{len(alerts)} firing alert(s), none for a served model's rollback or retraining"
+        )
+    return requests
+
+
+defs = dg.Definitions(sensors=[prometheus_alert_sensor])

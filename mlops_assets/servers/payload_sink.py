@@ -1,0 +1,214 @@
+"""The payload sink: the cluster's payload log and drift gauges (locally the router does both).
+
+On a cluster, KServe's payload logger (the agent beside each predictor container, configured by
+`spec.predictor.logger` on the InferenceService) POSTs every inference request as a CloudEvent in
+HTTP binary mode: the request body as the event data, `ce-type: org.kubeflow.serving.inference.request`
+and the extension `ce-inferenceservicename` naming the InferenceService. This service:
+
+* samples the requests (`--sample-rate`), buffers them per InferenceService as the same JSON lines the
+  local router logs (`wire.payload_line`), and every `--flush-s` seconds writes each buffer as one
+  batch `<unix ms>-<random>.jsonl` under `<store>/<isvc>/`, the store being object storage reached
+  through the MLflow tracking server's artifact proxy (`<MLFLOW_TRACKING_URI>/api/2.0/mlflow-artifacts/
+  artifacts/payloads`: MinIO's bucket `mlflow` on the cluster; no S3 credentials here, MLflow's own
+  MLFLOW_TRACKING_USERNAME / PASSWORD if the server wants them). Memory is bounded (`--max-buffer-bytes`: the
+  oldest lines go first, counted); a failed write keeps the batch for the next attempt, counted too;
+* exposes the drift gauges that `monitoring/<name>_drift` POSTs to `/-/drift/<isvc>`
+  (`model_drift_share{isvc}`, `model_drift_score{isvc,feature}`) and its own counters on `/metrics`,
+  for the same alert rules as locally;
+* answers `/-/flush` (write every buffer now: the drift asset calls it before reading) and the
+  probes `/-/healthy` and `/-/ready`.
+
+`KubernetesPlatform.recent_payloads` reads the batches back through the same proxy.
+
+Run: python -m mlops_assets.servers.payload_sink --host 0.0.0.0 --port 8080 [--store URI]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import logging
+import os
+import random
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from mlops_assets.core.serving.manifest import ManifestError, validate_dns1035
+from mlops_assets.core.serving.wire import DriftGauges, parse_drift_body, payload_line
+
+log = logging.getLogger("mlops_assets.payload_sink")
+REQUEST_EVENT = "org.kubeflow.serving.inference.request"
+
+
+def store_for(tracking_uri: str) -> str:
+    """The payload store behind an MLflow tracking server's artifact proxy (`--serve-artifacts`)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        raise ValueError(f"the payload store needs an MLflow tracking server (http[s]://...), got {tracking_uri!r}")
+    return f"{tracking_uri.rstrip('/')}/api/2.0/mlflow-artifacts/artifacts/payloads"
+
+
+def write_batch(store: str, isvc: str, lines: list[bytes]) -> str:
+    """Upload one batch through MLflow's artifact repository for `<store>/<isvc>`; returns its name."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    name = f"{int(time.time() * 1000)}-{uuid.uuid4().hex[:8]}.jsonl"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_bytes(b"".join(lines))
+        get_artifact_repository(f"{store.rstrip('/')}/{isvc}").log_artifact(str(path))
+    return name
+
+
+class PayloadSink:
+    def __init__(self, store: str, sample_rate: float, flush_s: float, max_buffer_bytes: int) -> None:
+        if not 0.0 <= sample_rate <= 1.0:
+            raise ValueError(f"sample rate must be in [0, 1], got {sample_rate}")
+        if flush_s <= 0 or max_buffer_bytes <= 0:
+            raise ValueError("flush interval and buffer size must be positive")
+        self.store, self.sample_rate, self.flush_s, self.max_buffer_bytes = store, sample_rate, flush_s, max_buffer_bytes
+        self.buffers: dict[str, collections.deque[bytes]] = {}
+        self.buffered_bytes = 0
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task | None = None
+        self.registry = CollectorRegistry()
+        self.received = Counter("payload_sink_events_total", "CloudEvents received", ["isvc", "outcome"], registry=self.registry)
+        self.written = Counter(
+            "payload_sink_rows_written_total", "Logged requests written to the store", ["isvc"], registry=self.registry
+        )
+        self.dropped = Counter(
+            "payload_sink_rows_dropped_total", "Logged requests dropped", ["isvc", "reason"], registry=self.registry
+        )
+        self.failures = Counter(
+            "payload_sink_write_failures_total", "Batches that failed to upload", ["isvc"], registry=self.registry
+        )
+        self.drift = DriftGauges(self.registry)
+
+    # ---- receiving ------------------------------------------------------------------------------
+    async def receive(self, request: web.Request) -> web.Response:
+        isvc = request.headers.get("ce-inferenceservicename", "")
+        try:
+            validate_dns1035(isvc, "ce-inferenceservicename")
+        except ManifestError as exc:
+            return web.json_response({"error": f"not a KServe payload-logger event: {exc}"}, status=400)
+        if request.headers.get("ce-type") != REQUEST_EVENT:
+            self.received.labels(isvc, "ignored").inc()  # responses: the drift reports need requests only
+            return web.json_response({"ignored": request.headers.get("ce-type")}, status=202)
+        body = await request.read()
+        if not body.lstrip().startswith(b"{"):
+            self.received.labels(isvc, "malformed").inc()
+            return web.json_response({"error": "the event data must be a JSON object (a V1 or V2 request body)"}, status=400)
+        self.received.labels(isvc, "request").inc()
+        if random.random() >= self.sample_rate:
+            return web.json_response({"sampled": False}, status=202)
+        self._append(isvc, [payload_line(time.time(), body)])
+        return web.json_response({"sampled": True}, status=202)
+
+    def _append(self, isvc: str, lines: list[bytes]) -> None:
+        buffer = self.buffers.setdefault(isvc, collections.deque())
+        for line in lines:
+            buffer.append(line)
+            self.buffered_bytes += len(line)
+        # Bounded memory: the oldest lines of the largest buffer go first.
+        while self.buffered_bytes > self.max_buffer_bytes:
+            victim = max(self.buffers, key=lambda k: len(self.buffers[k]))
+            self.buffered_bytes -= len(self.buffers[victim].popleft())
+            self.dropped.labels(victim, "buffer_full").inc()
+
+    # ---- writing --------------------------------------------------------------------------------
+    async def flush(self) -> dict[str, str]:
+        """Write every non-empty buffer as one batch; a failed batch goes back to its buffer."""
+        results: dict[str, str] = {}
+        async with self._lock:
+            taken = {isvc: list(buf) for isvc, buf in self.buffers.items() if buf}
+            for isvc in taken:
+                self.buffered_bytes -= sum(len(line) for line in self.buffers[isvc])
+                self.buffers[isvc].clear()
+            loop = asyncio.get_running_loop()
+            for isvc, lines in taken.items():
+                try:
+                    results[isvc] = await loop.run_in_executor(None, write_batch, self.store, isvc, lines)
+                    self.written.labels(isvc).inc(len(lines))
+                except Exception as exc:  # noqa: BLE001 - any store failure: keep the batch, count it, say why
+                    self.failures.labels(isvc).inc()
+                    log.warning("writing %d payload rows of %s to %s failed: %s", len(lines), isvc, self.store, exc)
+                    results[isvc] = f"failed: {type(exc).__name__}: {exc}"
+                    self._append(isvc, lines)
+        return results
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_s)
+            await self.flush()
+
+    async def flush_now(self, request: web.Request) -> web.Response:
+        results = await self.flush()
+        failed = {k: v for k, v in results.items() if v.startswith("failed")}
+        return web.json_response({"written": results}, status=503 if failed else 200)
+
+    # ---- drift gauges, metrics, probes ---------------------------------------------------------------
+    async def record_drift(self, request: web.Request) -> web.Response:
+        isvc = request.match_info["isvc"]
+        try:
+            validate_dns1035(isvc, "InferenceService name")
+            share, features = parse_drift_body(await request.json())
+        except (ManifestError, ValueError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        self.drift.record(isvc, share, features)
+        return web.json_response({"recorded": len(features)})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.registry), headers={"content-type": CONTENT_TYPE_LATEST})
+
+    async def healthy(self, request: web.Request) -> web.Response:
+        return web.json_response({"buffered_bytes": self.buffered_bytes, "store": self.store})
+
+    async def on_startup(self, app: web.Application) -> None:
+        self._task = asyncio.create_task(self._flush_forever())
+
+    async def on_cleanup(self, app: web.Application) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        await self.flush()  # what is buffered at shutdown is written, not lost
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=16 * 1024 * 1024)
+        app.router.add_post("/", self.receive)
+        app.router.add_post("/-/flush", self.flush_now)
+        app.router.add_post("/-/drift/{isvc}", self.record_drift)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/-/healthy", self.healthy)
+        app.router.add_get("/-/ready", self.healthy)
+        app.on_startup.append(self.on_startup)
+        app.on_cleanup.append(self.on_cleanup)
+        return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--store", default="", help="artifact URI of the payload store (default: from MLFLOW_TRACKING_URI)")
+    parser.add_argument("--sample-rate", type=float, default=0.25)
+    parser.add_argument("--flush-s", type=float, default=30.0)
+    parser.add_argument("--max-buffer-bytes", type=int, default=64 * 1024 * 1024)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # A store that is down must not hold a flush for minutes (MLflow's default is 7 retries with backoff):
+    # the batch stays buffered and the next flush tries again.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    store = args.store or store_for(os.environ.get("MLFLOW_TRACKING_URI", ""))
+    sink = PayloadSink(store, args.sample_rate, args.flush_s, args.max_buffer_bytes)
+    web.run_app(sink.app(), host=args.host, port=args.port, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    main()
