@@ -17,6 +17,8 @@ if ! command -v prometheus >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v a
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null) || echo "prometheus could not be installed"
 fi
 .venv/bin/ruff check mlops_assets mlops_assets_tests bench
+# The import contracts in pyproject.toml: one direction of imports, no Dagster in the engine.
+.venv/bin/lint-imports --no-cache
 if [ $# -gt 0 ]; then
   exec .venv/bin/python -m pytest "$@"
 fi
