@@ -40,6 +40,7 @@ _TRANSPORT_ERRORS = (OSError, http.client.HTTPException, ValueError)
 
 @dataclass(frozen=True)
 class Response:
+    url: str
     status: int
     #: Header names in lower case.
     headers: dict[str, str]
@@ -52,6 +53,12 @@ class Response:
     @property
     def text(self) -> str:
         return self.body.decode(errors="replace")
+
+    def checked(self) -> Response:
+        """This answer if it is a 2xx; else `HttpUnavailableError` (for callers that need a success)."""
+        if not self.ok:
+            raise HttpUnavailableError(f"{self.url} answered HTTP {self.status}: {self.text[:200].strip()}", self.status)
+        return self
 
     def json(self) -> Any:
         """The body as JSON; `HttpUnavailableError` if it is not (an HTML error page, garbage)."""
@@ -83,28 +90,22 @@ def request(
         req = urllib.request.Request(url, data=body, headers=all_headers, method=method)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return Response(resp.status, _lower(resp.headers), resp.read())
+                return Response(url, resp.status, _lower(resp.headers), resp.read())
         except urllib.error.HTTPError as exc:  # a 4xx/5xx: an answer, read it like any other
             with exc:
-                return Response(exc.code, _lower(exc.headers), exc.read())
+                return Response(url, exc.code, _lower(exc.headers), exc.read())
     except _TRANSPORT_ERRORS as exc:
         raise HttpUnavailableError(f"{method} {url}: {type(exc).__name__}: {_reason(exc)}") from exc
 
 
 def get_json(url: str, *, timeout: float, headers: dict[str, str] | None = None) -> Any:
     """The JSON of a 2xx answer to GET `url`; `HttpUnavailableError` for any other status or body."""
-    return _json_of(request(url, timeout=timeout, headers=headers), url)
+    return request(url, timeout=timeout, headers=headers).checked().json()
 
 
 def post_json(url: str, payload: Any, *, timeout: float, headers: dict[str, str] | None = None) -> Any:
     """POST `payload` as JSON; the JSON of a 2xx answer, `HttpUnavailableError` for anything else."""
-    return _json_of(request(url, timeout=timeout, json_body=payload, headers=headers), url)
-
-
-def _json_of(response: Response, url: str) -> Any:
-    if not response.ok:
-        raise HttpUnavailableError(f"{url} answered HTTP {response.status}: {response.text[:200].strip()}", response.status)
-    return response.json()
+    return request(url, timeout=timeout, json_body=payload, headers=headers).checked().json()
 
 
 def _lower(headers: Any) -> dict[str, str]:

@@ -15,10 +15,10 @@ import signal
 import socket
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from mlops_assets.core import http
 
 LOOPBACK = "127.0.0.1"
 
@@ -144,12 +144,9 @@ def wait_http(record: ProcessRecord, path: str, timeout_s: float, what: str) -> 
         _reap(record.pid)
         if not _running(record.pid):
             raise ProcessStartError(f"{what} exited during start-up; log {record.log}:\n{log_tail(record)}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-            pass
+        with contextlib.suppress(http.HttpUnavailableError):  # not listening yet
+            if http.request(url, timeout=2).status == 200:
+                return
         time.sleep(0.2)
     stop(record)
     raise ProcessStartError(f"{what} did not answer {url} within {timeout_s:.0f}s; log {record.log}:\n{log_tail(record)}")

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import random
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+
+from mlops_assets.core import http
 
 
 class TrafficGenerator:
@@ -120,13 +120,9 @@ def send_traffic(url_v1: str, url_v2: str, n: int, seed: int = 7) -> dict[str, i
             url, body = url_v2, json.dumps(v2_payload(frame.iloc[i : i + 1])).encode()
         else:
             url, body = url_v1, json.dumps(v1_payload(frame.iloc[i : i + 1])).encode()
-        request = urllib.request.Request(url, data=body, headers={"content-type": "application/json"})
         try:
-            with urllib.request.urlopen(request, timeout=10) as resp:
-                return str(resp.status)
-        except urllib.error.HTTPError as exc:
-            return str(exc.code)
-        except OSError:
+            return str(http.request(url, body=body, headers={"content-type": "application/json"}, timeout=10).status)
+        except http.HttpUnavailableError:
             return "connection-error"
 
     counts: dict[str, int] = {}

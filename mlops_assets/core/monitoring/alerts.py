@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
-
+from mlops_assets.core import http
 from mlops_assets.core.config import EngineConfig
 
 #: Alert names from the shipped rules file (k8s/base/monitoring/rules/mlops-alerts.yaml).
@@ -25,9 +22,8 @@ class PrometheusAlerts(EngineConfig):
 
     def firing(self) -> list[dict]:
         try:
-            with urllib.request.urlopen(f"{self.url.rstrip('/')}/api/v1/alerts", timeout=self.timeout_s) as resp:
-                body = json.loads(resp.read())
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+            body = http.get_json(f"{self.url.rstrip('/')}/api/v1/alerts", timeout=self.timeout_s)
+        except http.HttpUnavailableError as exc:
             raise AlertsUnavailableError(f"Prometheus at {self.url} is unreachable: {exc}") from exc
         if body.get("status") != "success":
             raise AlertsUnavailableError(f"Prometheus at {self.url} answered {body.get('error')}")

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import urllib.error
-import urllib.request
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+from mlops_assets.core import http
 from mlops_assets.core.config import EngineConfig
 from mlops_assets.core.platform import cluster, services
 
@@ -112,9 +111,8 @@ class LocalPlatformServices(PlatformServices):
         if record is None:
             return {"ready": False, "state": f"{name} is not running (materialize the asset to start it)"}
         try:
-            with urllib.request.urlopen(record.url + path, timeout=5) as resp:
-                status = resp.status
-        except (urllib.error.URLError, OSError) as exc:
+            status = http.request(record.url + path, timeout=5).status
+        except http.HttpUnavailableError as exc:
             return {"ready": False, "url": record.url, "state": f"does not answer {path}: {exc}"}
         if status != 200:
             return {"ready": False, "url": record.url, "state": f"{path} answered {status}"}

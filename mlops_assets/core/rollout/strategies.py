@@ -14,11 +14,10 @@ from __future__ import annotations
 import copy
 import json
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mlops_assets.core import http
 from mlops_assets.core.rollout.analysis import CanaryAnalysis, Decision, Thresholds, Verdict, WindowCounts
 from mlops_assets.core.serving.metrics import MetricsSource, MetricsUnavailableError, RevisionCounts
 from mlops_assets.core.serving.platform import ServiceStatus, ServingPlatform
@@ -270,14 +269,10 @@ def run_canary(ctx: RolloutContext, manifest: dict, thresholds: Thresholds) -> R
 
 
 def _post(url: str, body: bytes, headers: dict | None = None, timeout: float = 10.0) -> int:
-    request = urllib.request.Request(url, data=body, headers={"content-type": "application/json", **(headers or {})})
+    headers = {"content-type": "application/json", **(headers or {})}
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
-            resp.read()
-            return resp.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
+        return http.request(url, body=body, headers=headers, timeout=timeout).status
+    except http.HttpUnavailableError:
         return 599
 
 

@@ -48,6 +48,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from mlops_assets.core import http
 from mlops_assets.core.kube import api_client, api_message
 from mlops_assets.core.serving.lock import LockInfo, RolloutInProgressError, RolloutLock, refusal
 from mlops_assets.core.serving.manifest import (
@@ -175,8 +176,6 @@ class KubernetesPlatform(ServingPlatform):
     def recent_payloads(self, name: str, columns: list[str], max_rows: int = 200_000):
         """The requests the payload sink stored in the last `recent_window_s` (newest last, at most `max_rows`)."""
         import tempfile
-        import urllib.error
-        import urllib.request
 
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
@@ -186,10 +185,8 @@ class KubernetesPlatform(ServingPlatform):
         if not self.payload_sink_url or not self.payload_store:
             raise NotImplementedError("payload logging is off (KubernetesPlatform.payload_sink_url / payload_store are empty)")
         # Ask the sink to write what it buffers, so the report sees every sampled request so far.
-        with contextlib.suppress(urllib.error.URLError, OSError):
-            urllib.request.urlopen(
-                urllib.request.Request(f"{self.payload_sink_url}/-/flush", data=b"", method="POST"), timeout=30
-            )
+        with contextlib.suppress(http.HttpUnavailableError):
+            http.request(f"{self.payload_sink_url}/-/flush", method="POST", body=b"", timeout=30)
         since = time.time() - self.recent_window_s
         location = f"{self.payload_store.rstrip('/')}/{name}"
         try:
@@ -214,19 +211,12 @@ class KubernetesPlatform(ServingPlatform):
         return rows_frame(rows, columns, max_rows)
 
     def publish_drift(self, name: str, share: float, scores: dict[str, float]) -> None:
-        import urllib.error
-        import urllib.request
-
         validate_dns1035(name, "InferenceService name")
         if not self.payload_sink_url:
             raise NotImplementedError("no payload sink to hold the drift gauges (payload_sink_url is empty)")
-        body = json.dumps({"share": share, "features": scores}).encode()
-        request = urllib.request.Request(
-            f"{self.payload_sink_url}/-/drift/{name}", data=body, method="POST", headers={"Content-Type": "application/json"}
-        )
         try:
-            urllib.request.urlopen(request, timeout=30).close()
-        except (urllib.error.URLError, OSError) as exc:
+            http.post_json(f"{self.payload_sink_url}/-/drift/{name}", {"share": share, "features": scores}, timeout=30)
+        except http.HttpUnavailableError as exc:
             raise RuntimeError(f"the payload sink at {self.payload_sink_url} did not take the drift gauges: {exc}") from exc
 
     def status(self, name: str) -> ServiceStatus:

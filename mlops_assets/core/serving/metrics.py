@@ -8,16 +8,14 @@ the Istio sidecars (`istio`). Counters are cumulative; a window is the differenc
 
 from __future__ import annotations
 
-import http.client
 import math
 import re
-import urllib.error
-import urllib.request
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import pydantic
 
+from mlops_assets.core import http
 from mlops_assets.core.config import EngineConfig
 from mlops_assets.core.serving.manifest import validate_dns1035
 from mlops_assets.core.settings import METRICS_SOURCES
@@ -129,15 +127,16 @@ class ScrapeMetrics(MetricsSource):
     def revision_counts(self, isvc: str, router_url: str) -> dict[str, RevisionCounts]:
         url = f"{router_url}/metrics"
         try:
-            with urllib.request.urlopen(url, timeout=self.timeout_s) as resp:
-                content_type = resp.headers.get("content-type", "")
-                text = resp.read().decode()
+            resp = http.request(url, timeout=self.timeout_s)
+            if not resp.ok:
+                raise ValueError(f"answered HTTP {resp.status}")
+            content_type = resp.headers.get("content-type", "")
             if not content_type.startswith(("text/plain", "application/openmetrics-text")):
                 raise ValueError(f"content-type {content_type!r} is not Prometheus' text format")
-            return parse_router_metrics(text)
+            return parse_router_metrics(resp.body.decode())
         # Every way a read can fail (refused, timeout, HTTP error, a truncated body, an HTML page,
         # bytes that do not parse) is "no data": never an exception that ends a rollout unwatched.
-        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError, KeyError) as exc:
+        except (http.HttpUnavailableError, ValueError, KeyError) as exc:
             raise MetricsUnavailableError(f"cannot scrape {url} for {isvc}: {type(exc).__name__}: {exc}") from exc
 
     def describe_query(self, isvc: str) -> str:
@@ -270,16 +269,14 @@ class PrometheusMetrics(MetricsSource):
         )
 
     def _query(self, promql: str) -> list[dict]:
-        import json
         import urllib.parse
 
         url = f"{self.url.rstrip('/')}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
         try:
-            with urllib.request.urlopen(url, timeout=self.timeout_s) as resp:
-                body = json.loads(resp.read())
+            body = http.get_json(url, timeout=self.timeout_s)
             if not isinstance(body, dict):
                 raise ValueError(f"answer is a JSON {type(body).__name__}, not an object")
-        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
+        except (http.HttpUnavailableError, ValueError) as exc:
             raise MetricsUnavailableError(f"Prometheus at {self.url} did not answer {promql!r}: {exc}") from exc
         if body.get("status") != "success":
             raise MetricsUnavailableError(f"Prometheus rejected {promql!r}: {body.get('error')}")

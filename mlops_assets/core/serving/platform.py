@@ -16,15 +16,13 @@ import json
 import shutil
 import sys
 import time
-import urllib.error
-import urllib.request
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mlops_assets.core import processes
+from mlops_assets.core import http, processes
 from mlops_assets.core.config import EngineConfig
 from mlops_assets.core.serving.manifest import (
     ANNOTATION_PREFIX,
@@ -91,9 +89,6 @@ class ServiceStatus:
                 f"{self.name} has no {tag!r} tag URL (tags: {sorted(self.tag_urls)}); is tag routing enabled?"
             )
         return f"{base}/v1/models/{self.name}:predict" if protocol == "v1" else f"{base}/v2/models/{self.name}/infer"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class ServingPlatform(EngineConfig, ABC):
@@ -174,10 +169,8 @@ class LocalPlatform(ServingPlatform):
         status = self.status(name)
         if status.url:
             # Ask the router to flush its buffered log first; a stopped router has nothing buffered.
-            with contextlib.suppress(OSError):
-                urllib.request.urlopen(
-                    urllib.request.Request(f"{status.url}/-/payloads/flush", data=b"", method="POST"), timeout=5
-                )
+            with contextlib.suppress(http.HttpUnavailableError):
+                http.request(f"{status.url}/-/payloads/flush", method="POST", body=b"", timeout=5)
         return read_payload_log(self.payload_dir(name), columns, max_rows, since=time.time() - self.recent_window_s)
 
     def publish_drift(self, name: str, share: float, scores: dict[str, float]) -> None:
@@ -309,14 +302,8 @@ class LocalPlatform(ServingPlatform):
     def _push_routes(self, directory: Path, state: dict) -> None:
         routes = self._routes(state)
         self._write_json(directory / "routes.json", routes)
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{state['router_port']}/-/routes",
-            data=json.dumps(routes).encode(),
-            headers={"content-type": "application/json"},
-            method="POST",
-        )
-        with urllib.request.urlopen(request, timeout=10) as resp:
-            resp.read()
+        # An error status raises too (an OSError, as for a router that is gone): see `_route_locked`.
+        http.request(f"http://127.0.0.1:{state['router_port']}/-/routes", json_body=routes, timeout=10).checked()
 
     def _retire(self, directory: Path, state: dict) -> None:
         keep = {state.get("latest_ready"), state.get("latest_rolledout"), state.get("previous_rolledout")}
@@ -760,15 +747,9 @@ def _tags(state: dict) -> dict[str, str]:
 
 
 def http_json(url: str, payload: dict | None = None, timeout: float = 10.0) -> tuple[int, dict]:
-    """Tiny JSON-over-HTTP helper for smoke requests (stdlib only)."""
-    data = json.dumps(payload).encode() if payload is not None else None
-    request = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
+    """Smoke requests: (status, the JSON body, or {"text": ...} when it is not JSON), whatever the status."""
+    response = http.request(url, json_body=payload, headers={"content-type": "application/json"}, timeout=timeout)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
-            code, body = resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        code, body = exc.code, exc.read()
-    try:
-        return code, json.loads(body or b"{}")
+        return response.status, json.loads(response.body or b"{}")
     except ValueError:
-        return code, {"text": body.decode(errors="replace")}
+        return response.status, {"text": response.text}
