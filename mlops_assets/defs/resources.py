@@ -5,13 +5,13 @@ from __future__ import annotations
 import dagster as dg
 
 from mlops_assets.core.monitoring.alerts import PrometheusAlerts
+from mlops_assets.core.monitoring.drift import DriftConfig
 from mlops_assets.core.platform.backends import ClusterPlatformServices, LocalPlatformServices
 from mlops_assets.core.registry import MlflowRegistry
 from mlops_assets.core.rollout.policy import RolloutPolicy
 from mlops_assets.core.serving.metrics import PrometheusMetrics, ScrapeMetrics
 from mlops_assets.core.serving.platform import LocalPlatform
 from mlops_assets.core.settings import KUBERNETES, Settings, SettingsError, load_settings
-from mlops_assets.defs.monitoring.assets import DriftPolicy
 
 
 def build_resources(settings: Settings) -> dict:
@@ -49,7 +49,7 @@ def build_resources(settings: Settings) -> dict:
             "metrics": metrics,
             "prometheus_alerts": PrometheusAlerts(url=settings.prometheus_url),
             "rollout_policy": RolloutPolicy(**(settings.rollout or {})),
-            "drift_policy": DriftPolicy(home=str(settings.home)),
+            "drift_policy": DriftConfig(home=str(settings.home)),
             "platform_services": ClusterPlatformServices(
                 **({"manifests": settings.k8s_manifests} if settings.k8s_manifests else {})
             ),
@@ -59,7 +59,7 @@ def build_resources(settings: Settings) -> dict:
         "serving": LocalPlatform(home=str(settings.home), recent_window_s=settings.recent_window_s),
         "metrics": metrics,
         "prometheus_alerts": PrometheusAlerts(url=settings.prometheus_url or f"http://127.0.0.1:{settings.prometheus_port}"),
-        "drift_policy": DriftPolicy(home=str(settings.home)),
+        "drift_policy": DriftConfig(home=str(settings.home)),
         "rollout_policy": RolloutPolicy(**(settings.rollout or {})),
         "platform_services": LocalPlatformServices(
             home=str(settings.home),

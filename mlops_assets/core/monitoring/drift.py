@@ -2,12 +2,12 @@
 
 Why this design
 ---------------
-The guide we replace runs one Kolmogorov-Smirnov test per feature at p < 0.05 with no correction. With
-50 healthy features that raises a false alarm on 1 - 0.95^50 = 92% of days, so people learn to ignore it.
-Evidently's default numeric rule (normalised Wasserstein distance >= 0.1, no p-value) has the opposite
-two problems: on small batches sampling noise alone exceeds 0.1, and it cannot see a shift below 0.1
-standard deviations however much data proves it. It is also slow (23-30 s and 270 MB of RSS for 100k rows x
-50 features on our 2-core box, bench/drift.py) and starts from the raw reference on every run.
+One Kolmogorov-Smirnov test per feature at p < 0.05 with no correction raises, with 50 healthy features,
+a false alarm on 1 - 0.95^50 = 92% of days, so people learn to ignore it. A distance threshold alone
+(Evidently's default numeric rule: normalised Wasserstein distance >= 0.1, no p-value) has the opposite
+two problems: on small batches sampling noise alone exceeds it, and it cannot see a shift below 0.1
+standard deviations however much data proves it. Recomputing everything from the raw reference on every
+run is also slow (bench/drift.py compares the two; figures in bench/RESULTS.md).
 
 Here a feature drifts only when two things hold:
 
@@ -19,7 +19,7 @@ Here a feature drifts only when two things hold:
    test of the 2 x K reference-vs-current contingency table (`scipy.stats.chi2_contingency`, so Yates'
    correction when K = 2). The p-values of all tested features are adjusted with Benjamini-Hochberg and
    compared with `alpha`. BH controls the false discovery rate at `alpha`; when no feature has drifted
-   every discovery is false, so the chance of any alarm on a healthy day is at most `alpha` (5%), not 92%.
+   every discovery is false, so the chance of any alarm on a healthy day is about `alpha` (5%), not 92%.
 2. A practically relevant effect size, so that huge batches do not flag shifts nobody cares about.
    Numeric: Wasserstein-1 distance divided by the reference standard deviation ("normalised Wasserstein",
    the quantity Evidently thresholds). For a pure location shift it equals the shift in reference
@@ -27,16 +27,19 @@ Here a feature drifts only when two things hold:
    Categorical: Jensen-Shannon distance (base 2, in [0, 1]); unlike PSI it stays finite when a
    category is new or vanished, and for the moderate shifts that matter it is close to the total
    variation distance (the share of rows that changed category).
-   Default floors: 0.1 numeric, Evidently's own threshold, but here a floor and not the whole rule, so
-   sampling noise on a small batch (normalised Wasserstein is about 0.1 by chance alone at 100 rows) is
-   not drift unless the test also says so. It also lowers the false alarms below alpha: at 2,000 vs
-   2,000 rows a null feature that passes BH by chance rarely reaches 0.1 (1.7% of 1,000 simulated healthy
-   50-feature days alarmed, against 4.3% for BH alone). A shift that is significant but below the floor (say
-   0.05 SD at a million rows) is reported as "no_drift" with a message saying so, and lowering
-   `min_effect_numeric` makes such shifts drift. Categorical: 0.05 Jensen-Shannon, which a
+   Default floors (`DriftConfig`, the values the drift assets run with): 0.05 numeric, a shift of a
+   twentieth of a reference standard deviation. It is a floor and not the whole rule, so sampling noise on
+   a small batch (normalised Wasserstein is about 0.1 by chance alone at 100 rows) is not drift unless the
+   test also says so. At a few thousand rows a null feature that passes BH by chance has an effect above
+   0.05 anyway, so there the false alarms are BH's own (in 1,000 simulated healthy 50-feature days at 2,000
+   vs 2,000 rows, 6.2% had a drifting feature, as with BH alone; a floor of 0.1 would have left 2.7%, at
+   the price of missing shifts between 0.05 and 0.1 SD). The floor matters on large batches: a shift that is
+   significant but below it (say 0.03 SD at 200,000 rows) is reported as "no_drift" with a message saying
+   so, and lowering `min_effect_numeric` makes such shifts drift. Categorical: 0.05 Jensen-Shannon, which a
    0.2-0.3 SD-like tilt of the project's generator exceeds (0.06-0.16) and noise at 2,000 rows does not
    (about 0.03). A 0.3 SD shift has an effect of 0.3 and at 2,000 rows a KS p-value below 1e-10, so it is
-   flagged.
+   flagged. The dataset drifts when at least `drift_share_threshold` (default 0.2) of the tested features
+   drift (none of the 1,000 healthy days did); the drift asset's check fails above that share.
 
 A feature that cannot be tested gets its own verdict and message instead of a silent "no drift":
 "insufficient_data" (fewer than `min_rows` non-null values on either side), "missing" (absent from the
@@ -67,8 +70,8 @@ column. Categorical features keep only category counts.
 
 Allocator. Each numeric feature makes a few dozen temporaries the size of the batch. glibc hands every
 freed block above its mmap threshold (128 KiB to start) back to the kernel, so the next temporary is
-fresh memory that page-faults in page by page: in the 2-core VM this ran on, that was a third of the
-time of a report. `reuse_freed_arrays()`, called once per process by `ReferenceProfile.from_frame` and
+fresh memory that page-faults in page by page, a large share of the time of a report (measured in
+bench/RESULTS.md). `reuse_freed_arrays()`, called once per process by `ReferenceProfile.from_frame` and
 `detect_drift`, raises glibc's mmap threshold to 64 MiB and its trim threshold to 256 MiB, so freed
 temporaries are reused from the heap; the cost is that up to 256 MiB of freed heap may stay mapped in
 the (short-lived) run process. A no-op where libc is not glibc.
@@ -79,6 +82,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import importlib
 import json
 import math
 import os
@@ -87,11 +91,40 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
-import pandas as pd
-from scipy import stats
+from pydantic import Field
+
+from mlops_assets.core.config import EngineConfig
+from mlops_assets.core.settings import VARIABLES
+
+
+class _Deferred:
+    """A module imported on first use, which then takes this stand-in's place in the module's globals.
+
+    The Dagster code location imports this module for `DriftConfig` (the drift assets' resource) and must load
+    without numpy, pandas or scipy (bench/load_time.py); they are imported when drift is first computed.
+    """
+
+    def __init__(self, module: str, name: str) -> None:
+        self._module, self._name = module, name
+
+    def __getattr__(self, attr: str) -> Any:
+        module = importlib.import_module(self._module)
+        globals()[self._name] = module
+        return getattr(module, attr)
+
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+    from scipy import stats
+    from scipy.spatial import distance
+else:
+    np = _Deferred("numpy", "np")
+    pd = _Deferred("pandas", "pd")
+    stats = _Deferred("scipy.stats", "stats")
+    distance = _Deferred("scipy.spatial.distance", "distance")
 
 NUMERIC = "numeric"
 CATEGORICAL = "categorical"
@@ -113,40 +146,32 @@ MAX_LISTED_CATEGORIES = 50
 EXACT_KS_MAX_N = 10_000
 
 
-@dataclass(frozen=True)
-class DriftConfig:
-    """Thresholds of the drift decision; every field is checked on construction."""
+class DriftConfig(EngineConfig):
+    """Thresholds of the drift decision, and how the drift assets read and store their data.
+
+    The one source of these defaults: `detect_drift` uses them when given no config, and the drift assets
+    run with the object `defs/resources.py` builds (only `home` set). Every field is validated on construction
+    (a pydantic ValidationError, a ValueError, names the class and the field).
+    """
 
     #: False discovery rate for Benjamini-Hochberg over the tested features.
-    alpha: float = 0.05
+    alpha: float = Field(default=0.05, gt=0, lt=1, allow_inf_nan=False, strict=True)
     #: Floor on the normalised Wasserstein distance (Wasserstein-1 / reference std) of a numeric feature.
-    min_effect_numeric: float = 0.1
-    #: Floor on the Jensen-Shannon distance (base 2) of a categorical feature.
-    min_effect_categorical: float = 0.05
-    #: Fewer non-null values than this on either side gives "insufficient_data", never "no_drift".
-    min_rows: int = 30
-    #: The dataset drifts when drifted / tested features >= this share (Evidently's default is 0.5 too).
-    drift_share_threshold: float = 0.5
-
-    def __post_init__(self) -> None:
-        def number(name: str) -> float:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise ValueError(f"DriftConfig.{name} must be a finite number, got {value!r}")
-            return float(value)
-
-        if not 0.0 < number("alpha") < 1.0:
-            raise ValueError(f"DriftConfig.alpha must be in (0, 1), got {self.alpha!r}")
-        if number("min_effect_numeric") < 0.0:
-            raise ValueError(f"DriftConfig.min_effect_numeric must be >= 0, got {self.min_effect_numeric!r}")
-        if not 0.0 <= number("min_effect_categorical") <= 1.0:
-            # Jensen-Shannon distance (base 2) never exceeds 1, so a larger floor could never be met.
-            raise ValueError(f"DriftConfig.min_effect_categorical must be in [0, 1], got {self.min_effect_categorical!r}")
-        # Two values per side at least: with one each the KS effective sample size rounds to 0 and has no p-value.
-        if isinstance(self.min_rows, bool) or not isinstance(self.min_rows, int) or self.min_rows < 2:
-            raise ValueError(f"DriftConfig.min_rows must be an integer >= 2, got {self.min_rows!r}")
-        if not 0.0 < number("drift_share_threshold") <= 1.0:
-            raise ValueError(f"DriftConfig.drift_share_threshold must be in (0, 1], got {self.drift_share_threshold!r}")
+    min_effect_numeric: float = Field(default=0.05, ge=0, allow_inf_nan=False, strict=True)
+    #: Floor on the Jensen-Shannon distance (base 2) of a categorical feature; that distance never exceeds 1,
+    #: so a larger floor could never be met.
+    min_effect_categorical: float = Field(default=0.05, ge=0, le=1, allow_inf_nan=False, strict=True)
+    #: Fewer non-null values than this on either side gives "insufficient_data", never "no_drift". Two per side
+    #: at least: with one each the KS effective sample size rounds to 0 and has no p-value.
+    min_rows: int = Field(default=30, ge=2, strict=True)
+    #: The dataset drifts when drifted / tested features >= this share; the drift check fails above it.
+    drift_share_threshold: float = Field(default=0.2, gt=0, le=1, allow_inf_nan=False, strict=True)
+    #: Severity of a failed drift-share check: WARN (reported) or ERROR (blocks what depends on the check).
+    check_severity: Literal["WARN", "ERROR"] = "WARN"
+    #: At most this many recent payload rows are compared with the reference.
+    max_rows: int = Field(default=200_000, ge=100)
+    #: MLOPS_HOME: the reference profiles are cached and the reports written under it.
+    home: str = VARIABLES["MLOPS_HOME"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -553,7 +578,7 @@ def _workers() -> int:
 
 
 def benjamini_hochberg(p_values: Sequence[float] | np.ndarray) -> np.ndarray:
-    """BH step-up adjusted p-values (as statsmodels' `multipletests(method="fdr_bh")[1]`)."""
+    """BH step-up adjusted p-values: `scipy.stats.false_discovery_control(p, method="bh")`, after checking the input."""
     p = np.asarray(p_values, dtype=np.float64)
     if p.ndim != 1:
         raise ValueError("p_values must be one-dimensional")
@@ -561,21 +586,14 @@ def benjamini_hochberg(p_values: Sequence[float] | np.ndarray) -> np.ndarray:
         return p.copy()
     if np.isnan(p).any() or (p < 0).any() or (p > 1).any():
         raise ValueError("p_values must be in [0, 1] with no NaN")
-    m = p.size
-    order = np.argsort(p, kind="stable")
-    scaled = p[order] * m / np.arange(1, m + 1)
-    # q_(i) = min over j >= i of p_(j) m / j: a running minimum from the largest p-value down.
-    scaled = np.minimum.accumulate(scaled[::-1])[::-1]
-    adjusted = np.empty(m)
-    adjusted[order] = np.minimum(scaled, 1.0)
-    return adjusted
+    return stats.false_discovery_control(p, method="bh")
 
 
 def ks_p_value(d: float, n: int, m: int) -> float:
     """Two-sided asymptotic KS p-value as `ks_2samp(method="asymp")`: `kstwo.sf(d, round(n m / (n + m)))`.
 
-    scipy evaluates that through the exact one-sided Smirnov sum when n_e d^2 is in [2.2, 370), which costs O(n_e):
-    60 ms at n_e = 50,000 and 0.5 s at n_e = 500,000 (1M vs 1M rows), per feature. Above EXACT_KS_MAX_N we use the
+    scipy evaluates that through the exact one-sided Smirnov sum when n_e d^2 is in [2.2, 370), which costs O(n_e)
+    per feature and would dominate a report on large batches (1M vs 1M rows). Above EXACT_KS_MAX_N we use the
     closed form 2 exp(-(6 n_e d + 1)^2 / (18 n_e)) for 2 * smirnov(n_e, d) in that range instead: its relative error
     against scipy is below 0.05% where p > 1e-3 and below 0.2% where p > 1e-6 (n_e > 10,000), far inside what
     matters for a BH threshold. Everywhere else (and always at n_e <= EXACT_KS_MAX_N) this is scipy's own value.
@@ -680,17 +698,19 @@ def ks_wasserstein_sorted(reference: NumericProfile, current_sorted: np.ndarray)
 
 
 def jensen_shannon_distance(p_counts: np.ndarray, q_counts: np.ndarray) -> float:
-    """Jensen-Shannon distance (base 2, in [0, 1]) between two count vectors over the same categories."""
+    """Jensen-Shannon distance (base 2, in [0, 1]) between two count vectors over the same categories.
+
+    `scipy.spatial.distance.jensenshannon`, which normalises the counts and counts an empty cell as 0 (0 log 0 = 0).
+    Rounding can leave the divergence a hair below 0 for two equal distributions, where scipy's square root is NaN:
+    that is a distance of 0.
+    """
     p = np.asarray(p_counts, dtype=np.float64)
     q = np.asarray(q_counts, dtype=np.float64)
-    p = p / p.sum()
-    q = q / q.sum()
-    mid = (p + q) / 2.0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        # 0 * log(0 / x) = 0: cells empty on one side contribute nothing to that side's term.
-        kl_p = np.where(p > 0, p * np.log2(p / mid), 0.0).sum()
-        kl_q = np.where(q > 0, q * np.log2(q / mid), 0.0).sum()
-    return float(math.sqrt(max((kl_p + kl_q) / 2.0, 0.0)))
+    if not (p.sum() > 0 and q.sum() > 0):
+        raise ValueError("both count vectors need a positive total")
+    with np.errstate(invalid="ignore"):
+        js = float(distance.jensenshannon(p, q, base=2))
+    return 0.0 if math.isnan(js) else js
 
 
 # --------------------------------------------------------------------------------------------------

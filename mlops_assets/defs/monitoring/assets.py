@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import dagster as dg
-from pydantic import Field
 
 from mlops_assets.core.kube import run_pod_tags
+from mlops_assets.core.monitoring.drift import DriftConfig
 from mlops_assets.core.registry import MlflowRegistry
 from mlops_assets.core.serving.manifest import isvc_name_for
 from mlops_assets.core.serving.platform import ServingPlatform
@@ -23,30 +23,6 @@ from mlops_assets.defs.models.assets import MODEL_NAMES
 
 GROUP = "monitoring"
 CHECK_DRIFT_SHARE = "drift_share"
-
-
-class DriftPolicy(dg.ConfigurableResource):
-    """Drift test settings: FDR level, effect-size floors, minimum rows and the alerting share."""
-
-    alpha: float = Field(default=0.05, gt=0, lt=1)
-    min_effect_numeric: float = Field(default=0.05, ge=0)
-    min_effect_categorical: float = Field(default=0.05, ge=0)
-    min_rows: int = Field(default=30, ge=2)
-    drift_share_threshold: float = Field(default=0.2, gt=0, le=1)
-    check_severity: str = Field(default="WARN", pattern="^(WARN|ERROR)$")
-    max_rows: int = Field(default=200_000, ge=100)
-    home: str = ".mlops"
-
-    def config(self):
-        from mlops_assets.core.monitoring.drift import DriftConfig
-
-        return DriftConfig(
-            alpha=self.alpha,
-            min_effect_numeric=self.min_effect_numeric,
-            min_effect_categorical=self.min_effect_categorical,
-            min_rows=self.min_rows,
-            drift_share_threshold=self.drift_share_threshold,
-        )
 
 
 def _reference_profile(registry: MlflowRegistry, run_id: str, cache_dir: Path):
@@ -76,7 +52,7 @@ def build_drift_asset(model_name: str) -> tuple[dg.AssetsDefinition, dg.AssetChe
         context: dg.AssetExecutionContext,
         mlflow: dg.ResourceParam[MlflowRegistry],
         serving: dg.ResourceParam[ServingPlatform],
-        drift_policy: DriftPolicy,
+        drift_policy: dg.ResourceParam[DriftConfig],
     ) -> dg.MaterializeResult:
         """Drift of the live traffic against the serving version's training data: per-feature KS or
         chi-square, Benjamini-Hochberg corrected, with an effect-size floor; a table, an HTML report
@@ -91,7 +67,7 @@ def build_drift_asset(model_name: str) -> tuple[dg.AssetsDefinition, dg.AssetChe
         profile = _reference_profile(mlflow, version.run_id, home / "monitoring" / "profiles")
         current = serving.recent_payloads(isvc, FEATURES, drift_policy.max_rows)
         context.log.info(f"{isvc}: {len(current)} recent rows vs {profile.n_rows} training rows of v{version.version}")
-        report = detect_drift(profile, current, drift_policy.config())
+        report = detect_drift(profile, current, drift_policy)
         out = home / "monitoring" / model_name
         out.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%S")
@@ -121,7 +97,7 @@ def build_drift_asset(model_name: str) -> tuple[dg.AssetsDefinition, dg.AssetChe
         )
 
     @dg.asset_check(asset=key, name=CHECK_DRIFT_SHARE)
-    def _share(context: dg.AssetCheckExecutionContext, drift_policy: DriftPolicy) -> dg.AssetCheckResult:
+    def _share(context: dg.AssetCheckExecutionContext, drift_policy: dg.ResourceParam[DriftConfig]) -> dg.AssetCheckResult:
         """The share of drifting features is at most the policy's drift_share_threshold."""
         event = context.instance.get_latest_materialization_event(key)
         meta = event.asset_materialization.metadata if event else {}
