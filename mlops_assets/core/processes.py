@@ -18,6 +18,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import psutil
+
 from mlops_assets.core import http
 
 LOOPBACK = "127.0.0.1"
@@ -71,12 +73,10 @@ def ensure_port_free(port: int) -> None:
 
 def _cmdline(pid: int) -> list[str] | None:
     try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
+        cmd = psutil.Process(pid).cmdline()
+    except psutil.Error:  # gone, or not ours to read
         return None
-    if not raw:  # zombie
-        return None
-    return [part.decode(errors="replace") for part in raw.rstrip(b"\0").split(b"\0")]
+    return cmd or None  # empty: a zombie (or a child that has not exec'd yet, see `spawn`)
 
 
 def is_alive(record: ProcessRecord) -> bool:
@@ -90,10 +90,9 @@ def is_alive(record: ProcessRecord) -> bool:
 def _running(pid: int) -> bool:
     """The pid exists and is not a zombie (used while a fresh child may not have exec'd yet)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def read_record(pid_file: Path) -> ProcessRecord | None:
@@ -121,7 +120,7 @@ def spawn(cmd: list[str], *, port: int, pid_file: Path, log_file: Path, env: dic
     tmp = pid_file.with_suffix(".tmp")
     tmp.write_text(json.dumps(asdict(record)))
     tmp.replace(pid_file)
-    # Right after exec, /proc/<pid>/cmdline can read empty for a moment, so `is_alive` would say no: a
+    # Right after exec, a process's cmdline can read empty for a moment, so `is_alive` would say no: a
     # `stop` then would not stop it, and a supervisor would start a second copy. Return once it reads.
     deadline = time.monotonic() + 5.0
     while not is_alive(record) and _running(record.pid) and time.monotonic() < deadline:

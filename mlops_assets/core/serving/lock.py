@@ -16,13 +16,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import socket
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import psutil
 
 
 class RolloutInProgressError(RuntimeError):
@@ -47,15 +48,11 @@ class LockInfo:
         if not self.pid or self.host != socket.gethostname():
             return False
         try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
+            return psutil.Process(self.pid).status() == psutil.STATUS_ZOMBIE  # a zombie has exited too
+        except psutil.NoSuchProcess:
             return True
-        except PermissionError:
-            return False
-        try:  # a zombie has exited too
-            return Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-        except OSError:
-            return True
+        except psutil.AccessDenied:
+            return False  # it exists; whether it still runs cannot be told, so it is not declared dead
 
 
 def refusal(isvc: str, current: LockInfo) -> RolloutInProgressError:
