@@ -33,13 +33,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from mlops_assets.core.kube import api_client, api_message
+from mlops_assets.core.kube import ApiErrors, ApiTarget, KubeApi, kube_api
 from mlops_assets.core.platform.kustomize import render
-
-if TYPE_CHECKING:
-    from kubernetes.client import ApiClient
 
 K8S_DIR = Path(__file__).resolve().parents[3] / "k8s"
 #: Kinds a platform piece is made of; everything else in `k8s/` is applied by an administrator.
@@ -59,6 +56,16 @@ class ClusterApplyError(RuntimeError):
 
 class ClusterPermissionError(ClusterApplyError):
     """403: the run's ServiceAccount lacks an RBAC rule."""
+
+
+ERRORS = ApiErrors(
+    ClusterApplyError,
+    ClusterApplyError,
+    ClusterPermissionError,
+    rbac="Role mlops-platform in k8s/base/rbac/roles.yaml grants it to ServiceAccount mlops-platform, "
+    "which platform_job's dagster-k8s/config tag selects",
+    who="the run's ServiceAccount",
+)
 
 
 @dataclass(frozen=True)
@@ -193,21 +200,21 @@ def _strip(doc: dict) -> dict:
 
 # ---- the API ------------------------------------------------------------------------------------------
 class _Api:
-    """GET, POST and merge-PATCH on any object, with failures turned into errors that say what to do."""
+    """GET, POST and merge-PATCH on any object by its REST path, and what a 404 or a refusal means for it."""
 
-    def __init__(self, api_client: ApiClient, host: str, timeout_s: float) -> None:
-        self._client, self.host, self.timeout_s = api_client, host, timeout_s
+    def __init__(self, kube: KubeApi) -> None:
+        self.kube = kube
 
     def get(self, doc: dict) -> dict | None:
-        return self._call("get", doc, "GET", api_path(doc), missing_ok=True)
+        return self._request("get", doc, "GET", api_path(doc), missing_ok=True)
 
     def create(self, doc: dict) -> dict:
-        return self._call("create", doc, "POST", api_path(doc, with_name=False), body=_strip(doc))
+        return self._request("create", doc, "POST", api_path(doc, with_name=False), body=_strip(doc))
 
     def patch(self, doc: dict) -> dict:
-        return self._call("patch", doc, "PATCH", api_path(doc), body=_strip(doc), content_type="application/merge-patch+json")
+        return self._request("patch", doc, "PATCH", api_path(doc), body=_strip(doc), content_type="application/merge-patch+json")
 
-    def _call(
+    def _request(
         self,
         verb: str,
         doc: dict,
@@ -217,61 +224,37 @@ class _Api:
         content_type: str = "application/json",
         missing_ok: bool = False,
     ) -> dict | None:
-        import urllib3
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            response = self._client.call_api(
-                path,
-                method,
-                query_params=[("fieldManager", FIELD_MANAGER)] if method != "GET" else [],
-                header_params={"Accept": "application/json", "Content-Type": content_type},
-                body=body,
-                auth_settings=["BearerToken"],
-                _preload_content=False,
-                _return_http_data_only=True,
-                _request_timeout=self.timeout_s,
-            )
-            return json.loads(response.data or b"{}")
-        except ApiException as exc:
-            if exc.status == 404 and missing_ok:
-                return None
-            raise self._error(exc, verb, doc) from exc
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise ClusterApplyError(
-                f"cannot reach the Kubernetes API server at {self.host} ({verb} {describe(doc)}): {exc}. "
-                "Check the host / kubeconfig and that the cluster is up and reachable from here"
-            ) from exc
-
-    def _error(self, exc: Any, verb: str, doc: dict) -> ClusterApplyError:
-        said = api_message(exc)
         group = doc["apiVersion"].split("/")[0] if "/" in doc["apiVersion"] else '""'
         namespace = doc["metadata"].get("namespace", "")
-        if exc.status == 403:
-            return ClusterPermissionError(
-                f"RBAC: the run's ServiceAccount needs {verb!r} on {plural(doc['kind'])} (apiGroup {group}) in namespace "
-                f"{namespace}: Role mlops-platform in k8s/base/rbac/roles.yaml grants it to ServiceAccount mlops-platform, "
-                f"which platform_job's dagster-k8s/config tag selects. The API server said: {said}"
-            )
-        if exc.status == 401:
-            return ClusterApplyError(
-                f"the API server at {self.host} rejected our credentials (401): check the token or kubeconfig"
-            )
-        if exc.status == 404:
-            return ClusterApplyError(
-                f"{verb} {describe(doc)}: 404 ({said}). Does namespace {namespace} exist, and does the cluster serve "
-                f"{doc['apiVersion']}? Apply the foundation first: kubectl apply -k k8s/overlays/<env> "
-                "(README, Run on Kubernetes)"
-            )
-        if exc.status in (400, 422):
-            return ClusterApplyError(f"the API server refused {verb} of {describe(doc)}: {said}")
-        return ClusterApplyError(f"{verb} {describe(doc)} failed: HTTP {exc.status} {exc.reason}: {said}")
+        return self.kube.request(
+            verb,
+            ApiTarget(describe(doc), f"{plural(doc['kind'])} (apiGroup {group})", namespace),
+            method,
+            path,
+            body=body,
+            query=[("fieldManager", FIELD_MANAGER)] if method != "GET" else None,
+            content_type=content_type,
+            missing_ok=missing_ok,
+            meaning=lambda status, said: _meaning(status, said, verb, doc),
+        )
+
+
+def _meaning(status: int, said: str, verb: str, doc: dict) -> ClusterApplyError | None:
+    if status == 404:
+        return ClusterApplyError(
+            f"{verb} {describe(doc)}: 404 ({said}). Does namespace {doc['metadata'].get('namespace', '')} exist, and does "
+            f"the cluster serve {doc['apiVersion']}? Apply the foundation first: kubectl apply -k k8s/overlays/<env> "
+            "(README, Run on Kubernetes)"
+        )
+    if status in (400, 422):
+        return ClusterApplyError(f"the API server refused {verb} of {describe(doc)}: {said}")
+    return None
 
 
 @contextlib.contextmanager
 def connect(host: str, in_cluster: bool, kubeconfig: str, kube_context: str, timeout_s: float) -> Iterator[_Api]:
-    with api_client(host, in_cluster, kubeconfig, kube_context, ClusterApplyError) as client:
-        yield _Api(client, client.configuration.host, timeout_s)
+    with kube_api(host, in_cluster, kubeconfig, kube_context, timeout_s, ERRORS) as kube:
+        yield _Api(kube)
 
 
 def apply_objects(api: _Api, docs: list[dict]) -> list[dict]:

@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from mlops_assets.core import http
-from mlops_assets.core.kube import api_client, api_message
+from mlops_assets.core.kube import ApiErrors, ApiTarget, KubeApi, kube_api
 from mlops_assets.core.serving.lock import LockInfo, RolloutInProgressError, RolloutLock, refusal
 from mlops_assets.core.serving.manifest import (
     ANNOTATION_PREFIX,
@@ -62,8 +62,7 @@ from mlops_assets.core.serving.manifest import (
 from mlops_assets.core.serving.platform import RolloutStateError, ServiceStatus, ServingPlatform, UnknownServiceError
 
 if TYPE_CHECKING:
-    from kubernetes.client import ApiClient, CustomObjectsApi
-    from kubernetes.client.exceptions import ApiException
+    from kubernetes.client import CustomObjectsApi
 
 GROUP, VERSION = API_VERSION.split("/")
 PLURAL = "inferenceservices"
@@ -112,6 +111,14 @@ class KubernetesConflictError(KubernetesPlatformError):
 
 class ServiceNotReadyError(KubernetesPlatformError):
     """The InferenceService did not reach the requested state before the deadline."""
+
+
+def _errors(rbac: str) -> ApiErrors:
+    return ApiErrors(KubernetesPlatformError, KubernetesUnreachableError, KubernetesPermissionError, rbac)
+
+
+ISVC_ERRORS = _errors(f"see k8s/base/rbac; this platform uses {VERBS}")
+LEASE_ERRORS = _errors("Role mlops-rollout in k8s/base/rbac/roles.yaml")
 
 
 @dataclass(frozen=True)
@@ -321,8 +328,10 @@ class KubernetesPlatform(ServingPlatform):
     @contextlib.contextmanager
     def _api(self) -> Iterator[_Api]:
         validate_dns1035(self.namespace, "namespace")
-        with api_client(self.host, self.in_cluster, self.kubeconfig, self.kube_context, KubernetesPlatformError) as client:
-            yield _Api(client, self.namespace, client.configuration.host, self.request_timeout_s)
+        with kube_api(
+            self.host, self.in_cluster, self.kubeconfig, self.kube_context, self.request_timeout_s, ISVC_ERRORS
+        ) as kube:
+            yield _Api(kube, self.namespace)
 
 
 class LeaseRolloutLock(RolloutLock):
@@ -338,39 +347,28 @@ class LeaseRolloutLock(RolloutLock):
         self.platform, self.isvc, self.name = platform, isvc, f"rollout-{isvc}"
 
     @contextlib.contextmanager
-    def _leases(self) -> Iterator[Any]:
+    def _leases(self) -> Iterator[tuple[Any, KubeApi]]:
+        """The Lease API, and the platform's client reporting failures against the rollout Role."""
         from kubernetes import client
 
         with self.platform._api() as api:
-            yield client.CoordinationV1Api(api.api_client)
+            yield client.CoordinationV1Api(api.kube.client), api.kube.with_errors(LEASE_ERRORS)
 
-    def _call(self, verb: str, method: Callable[..., Any], **kwargs: Any) -> Any:
-        import urllib3
-        from kubernetes.client.exceptions import ApiException
-
+    def _call(self, kube: KubeApi, verb: str, method: Callable[..., Any], **kwargs: Any) -> Any:
         namespace = self.platform.namespace
-        try:
-            return method(namespace=namespace, _request_timeout=self.platform.request_timeout_s, **kwargs)
-        except ApiException as exc:
-            if exc.status == 404 and verb == "get":
-                return None
-            if exc.status == 409:
-                raise RolloutInProgressError(
-                    f"{self.isvc}: another rollout changed Lease {self.name} in {namespace} at the same time; retry later"
-                ) from exc
-            if exc.status == 403:
-                raise KubernetesPermissionError(
-                    f"RBAC: the ServiceAccount needs {verb!r} on leases.coordination.k8s.io in namespace {namespace} "
-                    f"(Role mlops-rollout in k8s/base/rbac/roles.yaml). The API server said: {api_message(exc)}"
-                ) from exc
-            raise KubernetesPlatformError(
-                f"{verb} Lease {self.name} in {namespace} failed: HTTP {exc.status} {exc.reason}: {api_message(exc)}"
-            ) from exc
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise KubernetesUnreachableError(f"cannot reach the Kubernetes API server ({verb} Lease {self.name}): {exc}") from exc
+        target = ApiTarget(f"Lease {self.name} in {namespace}", "leases.coordination.k8s.io", namespace)
+        return kube.call(verb, target, method, missing_ok=verb == "get", meaning=self._meaning, namespace=namespace, **kwargs)
 
-    def _read(self, leases: Any) -> tuple[dict | None, LockInfo | None]:
-        lease = self._call("get", leases.read_namespaced_lease, name=self.name)
+    def _meaning(self, status: int, said: str) -> Exception | None:
+        if status == 409:  # the resourceVersion we read is gone: another pod wrote the Lease first
+            return RolloutInProgressError(
+                f"{self.isvc}: another rollout changed Lease {self.name} in {self.platform.namespace} at the same time; "
+                "retry later"
+            )
+        return None
+
+    def _read(self, leases: Any, kube: KubeApi) -> tuple[dict | None, LockInfo | None]:
+        lease = self._call(kube, "get", leases.read_namespaced_lease, name=self.name)
         if lease is None:
             return None, None
         lease = leases.api_client.sanitize_for_serialization(lease)
@@ -381,12 +379,12 @@ class LeaseRolloutLock(RolloutLock):
             return lease, None
 
     def holder(self) -> LockInfo | None:
-        with self._leases() as leases:
-            return self._read(leases)[1]
+        with self._leases() as (leases, kube):
+            return self._read(leases, kube)[1]
 
     def acquire(self, info: LockInfo, is_running: Callable[[str], bool]) -> LockInfo | None:
-        with self._leases() as leases:
-            lease, current = self._read(leases)
+        with self._leases() as (leases, kube):
+            lease, current = self._read(leases, kube)
             if current is not None and current.run_id != info.run_id and is_running(current.run_id):
                 raise refusal(self.isvc, current)
             now = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime(info.started))
@@ -397,42 +395,39 @@ class LeaseRolloutLock(RolloutLock):
             if lease is None:
                 body["metadata"]["labels"] = {"app.kubernetes.io/part-of": "mlops-assets", f"{ANNOTATION_PREFIX}/isvc": self.isvc}
                 body["apiVersion"], body["kind"] = "coordination.k8s.io/v1", "Lease"
-                self._call("create", leases.create_namespaced_lease, body=body)
+                self._call(kube, "create", leases.create_namespaced_lease, body=body)
             else:
                 body["metadata"]["resourceVersion"] = lease["metadata"].get("resourceVersion")
                 body["spec"]["leaseTransitions"] = int((lease.get("spec") or {}).get("leaseTransitions") or 0) + 1
-                self._call(
-                    "patch",
-                    leases.patch_namespaced_lease,
-                    name=self.name,
-                    body=body,
-                    _content_type="application/merge-patch+json",
-                )
+                self._patch(leases, kube, body)
         return current if current is not None and current.run_id != info.run_id else None
 
     def release(self, info: LockInfo) -> None:
-        with self._leases() as leases:
-            lease, current = self._read(leases)
+        with self._leases() as (leases, kube):
+            lease, current = self._read(leases, kube)
             if lease is None or current is None or current.rollout_id != info.rollout_id:
                 return
             body = {
                 "metadata": {"annotations": {ROLLOUT_OWNER: None}, "resourceVersion": lease["metadata"].get("resourceVersion")},
                 "spec": {"holderIdentity": None},
             }
-            self._call(
-                "patch", leases.patch_namespaced_lease, name=self.name, body=body, _content_type="application/merge-patch+json"
-            )
+            self._patch(leases, kube, body)
+
+    def _patch(self, leases: Any, kube: KubeApi, body: dict) -> None:
+        self._call(
+            kube, "patch", leases.patch_namespaced_lease, name=self.name, body=body, _content_type="application/merge-patch+json"
+        )
 
 
 class _Api:
-    """The five calls the platform makes, with the API's failures turned into errors that say what to do."""
+    """The five calls the platform makes on InferenceServices, and what a 404, 409 or 400 means for them."""
 
-    def __init__(self, api_client: ApiClient, namespace: str, host: str, timeout_s: float) -> None:
+    def __init__(self, kube: KubeApi, namespace: str) -> None:
         from kubernetes import client
 
-        self.api_client = api_client
-        self._custom: CustomObjectsApi = client.CustomObjectsApi(api_client)
-        self.namespace, self.host, self.timeout_s = namespace, host, timeout_s
+        self.kube = kube
+        self._custom: CustomObjectsApi = client.CustomObjectsApi(kube.client)
+        self.namespace, self.host, self.timeout_s = namespace, kube.host, kube.timeout_s
 
     def get(self, name: str, missing_ok: bool = False) -> dict | None:
         try:
@@ -463,35 +458,22 @@ class _Api:
     def delete(self, name: str) -> None:
         self._call("delete", name, self._custom.delete_namespaced_custom_object, name=name)
 
-    def _call(self, verb: str, target: str | None, method: Callable[..., Any], **kwargs: Any) -> Any:
-        import urllib3
-        from kubernetes.client.exceptions import ApiException
+    def _call(self, verb: str, isvc: str | None, method: Callable[..., Any], **kwargs: Any) -> Any:
+        what = f"{PLURAL}.{GROUP}" + (f" {isvc!r}" if isvc else "") + f" in {self.namespace}"
+        return self.kube.call(
+            verb,
+            ApiTarget(what, f"{PLURAL}.{GROUP}", self.namespace),
+            method,
+            meaning=lambda status, said: self._meaning(status, said, verb, isvc, what),
+            group=GROUP,
+            version=VERSION,
+            namespace=self.namespace,
+            plural=PLURAL,
+            **kwargs,
+        )
 
-        try:
-            return method(
-                group=GROUP, version=VERSION, namespace=self.namespace, plural=PLURAL, _request_timeout=self.timeout_s, **kwargs
-            )
-        except ApiException as exc:
-            raise self._error(exc, verb, target) from exc
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise KubernetesUnreachableError(
-                f"cannot reach the Kubernetes API server at {self.host} ({verb} {PLURAL}): {exc}. "
-                "Check the host / kubeconfig and that the cluster is up and reachable from here"
-            ) from exc
-
-    def _error(self, exc: ApiException, verb: str, name: str | None) -> Exception:
-        what = f"{PLURAL}.{GROUP}" + (f" {name!r}" if name else "")
-        said = api_message(exc)
-        if exc.status == 403:
-            return KubernetesPermissionError(
-                f"RBAC: the ServiceAccount needs {verb!r} on {PLURAL}.{GROUP} in namespace {self.namespace} "
-                f"(see k8s/base/rbac; this platform uses {VERBS}). The API server said: {said}"
-            )
-        if exc.status == 401:
-            return KubernetesPlatformError(
-                f"the API server at {self.host} rejected our credentials (401): check the ServiceAccount token or kubeconfig"
-            )
-        if exc.status == 404:
+    def _meaning(self, status: int, said: str, verb: str, name: str | None, what: str) -> Exception | None:
+        if status == 404:
             if not self.kserve_installed():
                 return KServeNotInstalledError(
                     f"KServe is not installed (no {API_VERSION} InferenceService CRD) on the cluster at {self.host}: "
@@ -499,13 +481,13 @@ class _Api:
                 )
             if name and verb in ("get", "patch", "delete"):
                 return UnknownServiceError(f"InferenceService {name!r} does not exist in namespace {self.namespace}")
-            return KubernetesPlatformError(f"{verb} {what} in {self.namespace}: 404 ({said}); does the namespace exist?")
-        if exc.status == 409:
-            return KubernetesConflictError(f"{verb} {what} in {self.namespace}: 409 Conflict ({said})")
-        if exc.status in (400, 422):
+            return KubernetesPlatformError(f"{verb} {what}: 404 ({said}); does the namespace exist?")
+        if status == 409:
+            return KubernetesConflictError(f"{verb} {what}: 409 Conflict ({said})")
+        if status in (400, 422):
             # The CRD schema or KServe's validating webhook refused the manifest.
             return ManifestError(f"the API server refused {verb} of InferenceService {name!r}: {said}")
-        return KubernetesPlatformError(f"{verb} {what} in {self.namespace} failed: HTTP {exc.status} {exc.reason}: {said}")
+        return None
 
     def kserve_installed(self) -> bool:
         """Whether the API server serves serving.kserve.io/v1beta1 inferenceservices (discovery)."""
