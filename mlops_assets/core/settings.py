@@ -2,13 +2,15 @@
 
 Everything else receives a `Settings` value (or a resource built from it), so tests can point the
 whole project at a temporary `MLOPS_HOME` without reloading modules, and importing the code
-location never touches the network, MLflow or the filesystem.
+location never touches the network, MLflow or the filesystem. The MLflow client is the exception
+that proves the rule: it reads its HTTP settings from the environment on every request, so the
+defaults the project wants for it are set here too (`apply_mlflow_client_env`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,38 @@ KUBERNETES = "kubernetes"
 ENVIRONMENTS = (LOCAL, KUBERNETES)
 #: Where `PrometheusMetrics` finds request counts: the local router, Knative's queue-proxy or Istio.
 METRICS_SOURCES = ("router", "knative", "istio")
+
+#: The namespace of the InferenceServices (MLOPS_NAMESPACE): `mlops-serving` in k8s/ (the InferenceServices,
+#: the rollout Role and the `mlops-env` ConfigMap); the platform itself runs in `mlops`.
+DEFAULT_NAMESPACE = "mlops-serving"
+
+
+def _int_list(raw: str) -> list[int]:
+    return [int(x) for x in raw.split(",")]
+
+
+#: The MLOPS_ROLLOUT_* variables: the `RolloutPolicy` field each one sets, how its value is read, and the default.
+#: This is where these defaults are written: RolloutPolicy's fields (and through them the canary analysis's
+#: `Thresholds` and the A/B test's defaults) take them from here; the policy's other defaults are its own.
+ROLLOUT_VARIABLES: dict[str, tuple[str, Callable[[str], object], object]] = {
+    "MLOPS_ROLLOUT_STEPS": ("steps", _int_list, (5, 25, 50)),
+    "MLOPS_ROLLOUT_MIN_REQUESTS": ("min_requests_per_step", int, 100),
+    "MLOPS_ROLLOUT_MAX_ERROR_RATE": ("max_error_rate", float, 0.01),
+    "MLOPS_ROLLOUT_MAX_P95_S": ("max_p95_latency_s", float, 0.5),
+    "MLOPS_ROLLOUT_POLL_S": ("poll_s", float, 2.0),
+    "MLOPS_ROLLOUT_AB_BASE_RATE": ("ab_base_rate", float, 0.05),
+    "MLOPS_ROLLOUT_AB_MIN_LIFT": ("ab_min_lift", float, 0.10),
+}
+#: RolloutPolicy field -> default, for the fields the MLOPS_ROLLOUT_* variables set.
+ROLLOUT_DEFAULTS: dict[str, object] = {field: default for field, _parse, default in ROLLOUT_VARIABLES.values()}
+
+
+def _shown(default: object) -> str:
+    """A default as the variable would spell it: `5,25,50`, `100`, `0.01`."""
+    if isinstance(default, tuple | list):
+        return ",".join(str(x) for x in default)
+    return f"{default:g}" if isinstance(default, float) else str(default)
+
 
 #: Every variable the project reads, with its default (the README's configuration table).
 VARIABLES: dict[str, str] = {
@@ -27,18 +61,19 @@ VARIABLES: dict[str, str] = {
     "MLOPS_PROMETHEUS_PORT": "9095",
     "MLOPS_PROMETHEUS_URL": "(local: the embedded Prometheus, if installed)",
     "MLOPS_METRICS_SOURCE": "router (kubernetes: knative)",
-    "MLOPS_NAMESPACE": "mlops",
+    "MLOPS_NAMESPACE": DEFAULT_NAMESPACE,
     "MLOPS_K8S_MANIFESTS": "k8s/overlays/prod (kubernetes: the kustomization the platform assets apply)",
     "MLOPS_RECENT_WINDOW_S": "3600",
     "MLOPS_ALERT_FOR_MAX_S": "(none: the rules' own `for:`)",
-    "MLOPS_ROLLOUT_STEPS": "5,25,50",
-    "MLOPS_ROLLOUT_MIN_REQUESTS": "100",
-    "MLOPS_ROLLOUT_MAX_ERROR_RATE": "0.01",
-    "MLOPS_ROLLOUT_MAX_P95_S": "0.5",
-    "MLOPS_ROLLOUT_POLL_S": "2",
-    "MLOPS_ROLLOUT_AB_BASE_RATE": "0.05",
-    "MLOPS_ROLLOUT_AB_MIN_LIFT": "0.10",
+    **{name: _shown(default) for name, (_field, _parse, default) in ROLLOUT_VARIABLES.items()},
 }
+
+#: What an MLflow client talking to a tracking server over HTTP should use, unless the environment says otherwise:
+#: MLflow's own defaults (7 retries with backoff, a 120 s timeout) take minutes against a dead server, longer than
+#: a sensor tick or an asset should hang. MLflow reads these variables on every request.
+MLFLOW_CLIENT_ENV: dict[str, str] = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+#: MLflow's own default for MLFLOW_HTTP_REQUEST_TIMEOUT, in seconds.
+MLFLOW_DEFAULT_HTTP_TIMEOUT_S = "120"
 
 
 class SettingsError(ValueError):
@@ -63,10 +98,6 @@ class Settings:
     @property
     def mlflow_artifact_root(self) -> Path:
         return self.home / "mlflow" / "artifacts"
-
-    @property
-    def serving_dir(self) -> Path:
-        return self.home / "serving"
 
     @property
     def mlflow_ui_url(self) -> str:
@@ -107,18 +138,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         raise SettingsError(f"MLOPS_METRICS_SOURCE={metrics_source!r}: expected one of {', '.join(METRICS_SOURCES)}")
     rollout = {}
     try:
-        if "MLOPS_ROLLOUT_STEPS" in environ:
-            rollout["steps"] = [int(x) for x in environ["MLOPS_ROLLOUT_STEPS"].split(",")]
-        for name, key, cast in (
-            ("MLOPS_ROLLOUT_MIN_REQUESTS", "min_requests_per_step", int),
-            ("MLOPS_ROLLOUT_MAX_ERROR_RATE", "max_error_rate", float),
-            ("MLOPS_ROLLOUT_MAX_P95_S", "max_p95_latency_s", float),
-            ("MLOPS_ROLLOUT_POLL_S", "poll_s", float),
-            ("MLOPS_ROLLOUT_AB_BASE_RATE", "ab_base_rate", float),
-            ("MLOPS_ROLLOUT_AB_MIN_LIFT", "ab_min_lift", float),
-        ):
+        for name, (key, parse, _default) in ROLLOUT_VARIABLES.items():
             if name in environ:
-                rollout[key] = cast(environ[name])
+                rollout[key] = parse(environ[name])
     except ValueError as exc:
         raise SettingsError(f"bad MLOPS_ROLLOUT_* value: {exc}") from None
     return Settings(
@@ -135,3 +157,22 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         k8s_manifests=environ.get("MLOPS_K8S_MANIFESTS", ""),
         alert_for_max_s=_positive(environ, "MLOPS_ALERT_FOR_MAX_S") if environ.get("MLOPS_ALERT_FOR_MAX_S") else None,
     )
+
+
+def apply_mlflow_client_env(
+    defaults: Mapping[str, str] = MLFLOW_CLIENT_ENV, environ: MutableMapping[str, str] | None = None
+) -> None:
+    """Set each MLflow client variable in `defaults` that the environment does not set already.
+
+    Called where an HTTP MLflow client is opened (`MlflowRegistry.client`), so every process that talks to a
+    tracking server gets them, whoever started it; a value set by the operator always wins.
+    """
+    environ = os.environ if environ is None else environ
+    for name, value in defaults.items():
+        environ.setdefault(name, value)
+
+
+def mlflow_http_timeout_s(environ: Mapping[str, str] | None = None) -> str:
+    """The MLflow client's HTTP timeout in seconds, as MLflow reads it (for messages about a timed-out request)."""
+    environ = os.environ if environ is None else environ
+    return environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", MLFLOW_DEFAULT_HTTP_TIMEOUT_S)

@@ -1,8 +1,8 @@
 """A/B test on a success metric (e.g. conversions): an always-valid p-value that may be checked continuously.
 
-Why: the guide ran a fixed-horizon two-proportion z-test and looked at it every hour. A fixed-horizon test
-is valid only when looked at once, at the planned sample size; stopping the first time p < 0.05 turns a
-5% false-positive rate into 30-40%. We keep that z-test (for the planned sample size, and for reports) and
+Why: a fixed-horizon two-proportion z-test is valid only when looked at once, at the planned sample size;
+an A/B test watched continuously (say every hour) and stopped the first time p < 0.05 turns a 5%
+false-positive rate into 30-40%. We keep that z-test (for the planned sample size, and for reports) and
 add the mixture sequential probability ratio test (mSPRT) of Johari, Koomen, Pekelis and Walsh, "Always
 valid inference" (2017; Operations Research 2022), whose p-value may be checked after every batch and the
 experiment stopped whenever it crosses alpha.
@@ -46,9 +46,13 @@ from typing import Any
 import numpy as np
 from scipy.stats import norm
 
+from mlops_assets.core.rollout.policy import RolloutPolicy
+
 SHIP_B = "ship_b"
 KEEP_A = "keep_a"
 NO_DIFFERENCE_YET = "no_difference_yet"
+#: The policy's A/B defaults (ab_alpha, ab_base_rate, ab_min_lift) are the test's.
+_POLICY = RolloutPolicy()
 
 
 def two_proportion_ztest(successes_a: int, n_a: int, successes_b: int, n_b: int) -> tuple[float, float]:
@@ -128,9 +132,9 @@ class ABTest:
     def __init__(
         self,
         tau2: float | None = None,
-        alpha: float = 0.05,
-        base_rate: float = 0.05,
-        lift: float = 0.10,
+        alpha: float = _POLICY.ab_alpha,
+        base_rate: float = _POLICY.ab_base_rate,
+        lift: float = _POLICY.ab_min_lift,
         min_samples: int = 100,
         power: float = 0.8,
     ) -> None:

@@ -3,8 +3,8 @@
 Why this design
 ---------------
 A canary analysis looks at the data again and again (every few seconds) and stops as soon as it
-knows. A fixed-horizon test (the z-test of the guide we replace) or a threshold per interval (Flagger)
-is not valid under that kind of peeking: the more often one looks, the more often noise alone crosses
+knows. A fixed-horizon test (a two-proportion z-test) or a threshold per interval (Flagger) is not
+valid under that kind of peeking: the more often one looks, the more often noise alone crosses
 the line, so healthy canaries get rolled back and the only cure is to look rarely, which lets a broken
 canary fail many user requests first. We use *e-processes* instead: non-negative processes E_t with
 E_0 = 1 that are supermartingales (or bounded by one) under the null hypothesis. Ville's inequality gives
@@ -72,10 +72,9 @@ Missing data is never success: a window of None, or with zero canary requests, c
 analysis HOLDs (traffic unchanged) while the last good window is at most no_data_deadline_s old and
 ROLLs BACK after that.
 
-Measured (bench/canary.py, 5 s windows, default Thresholds): a canary failing 2% of requests against a 0.1%
-baseline at 100 req/s and a 5% share is rolled back after a median of 4 failed requests (Flagger-like: 44,
-10-minute averages: 60); healthy canaries watched for 30 minutes are rolled back in 0.1% of runs (Flagger's
-default threshold of 1: 58%); a healthy canary at 100 req/s is promoted in a median of 115 s.
+bench/canary.py simulates bad and healthy canaries with the default `Thresholds`, a Flagger-like
+per-interval threshold and 10-minute averages on the same requests: failed requests before a rollback,
+false rollbacks of healthy canaries, time to promotion (figures in bench/RESULTS.md).
 
 Assumptions: within a window, requests of one revision fail independently with a common probability
 (the rate may drift between windows for the relative tests; drift of the canary's own rate between
@@ -92,6 +91,8 @@ from enum import StrEnum
 from typing import Any
 
 import numpy as np
+
+from mlops_assets.core.rollout.policy import RolloutPolicy
 
 # p95 <= threshold  <=>  P(latency > threshold) <= 5%.
 P95_SLOW_SHARE = 0.05
@@ -127,18 +128,25 @@ def _is_rate(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and 0.0 < float(x) < 1.0
 
 
+#: The policy's defaults, which are the analysis's.
+_POLICY = RolloutPolicy()
+
+
 @dataclass(frozen=True)
 class Thresholds:
-    """All configuration of a canary analysis; validated on construction (ValueError names the field)."""
+    """All configuration of a canary analysis; validated on construction (ValueError names the field).
 
-    max_error_rate: float = 0.01  # absolute SLO on the canary's error rate
-    max_p95_latency_s: float = 0.5  # absolute SLO on the canary's p95 latency
-    alpha: float = 0.01  # P(roll back a canary as good as baseline and within SLO) <= alpha
-    promote_alpha: float = 0.05  # P(promote a canary that violates an SLO) <= promote_alpha
-    min_rate_ratio: float = 1.5  # smallest canary/baseline rate ratio the relative tests aim at
-    steps: tuple[int, ...] = (5, 25, 50)  # canary traffic percents; passing the last one promotes
-    min_requests_per_step: int = 100  # canary requests needed at each step before it can pass
-    no_data_deadline_s: float = 120.0  # HOLD while data is missing, ROLLBACK once missing longer than this
+    Every field is a `RolloutPolicy` field, and the defaults are the policy's (`RolloutPolicy.thresholds()`).
+    """
+
+    max_error_rate: float = _POLICY.max_error_rate  # absolute SLO on the canary's error rate
+    max_p95_latency_s: float = _POLICY.max_p95_latency_s  # absolute SLO on the canary's p95 latency
+    alpha: float = _POLICY.alpha  # P(roll back a canary as good as baseline and within SLO) <= alpha
+    promote_alpha: float = _POLICY.promote_alpha  # P(promote a canary that violates an SLO) <= promote_alpha
+    min_rate_ratio: float = _POLICY.min_rate_ratio  # smallest canary/baseline rate ratio the relative tests aim at
+    steps: tuple[int, ...] = tuple(_POLICY.steps)  # canary traffic percents; passing the last one promotes
+    min_requests_per_step: int = _POLICY.min_requests_per_step  # canary requests needed at each step before it can pass
+    no_data_deadline_s: float = _POLICY.no_data_deadline_s  # HOLD while data is missing, ROLLBACK once missing longer
 
     def __post_init__(self) -> None:
         if not _is_rate(self.max_error_rate):
