@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from mlops_assets.core.config import EngineConfig
+from mlops_assets.core.settings import ROLLOUT_DEFAULTS
 
 STRATEGIES = {"canary": "canary_rollout_job", "blue_green": "blue_green_job", "ab_test": "ab_test_job"}
 STRATEGY_TAG = "rollout_strategy"
@@ -13,32 +14,27 @@ STRATEGY_TAG = "rollout_strategy"
 class RolloutPolicy(EngineConfig):
     """Rollout thresholds (error rate, p95 latency, false-alarm bounds), traffic steps and timing."""
 
-    max_error_rate: float = Field(default=0.01, gt=0, lt=1)
-    max_p95_latency_s: float = Field(default=0.5, gt=0)
+    max_error_rate: float = Field(default=ROLLOUT_DEFAULTS["max_error_rate"], gt=0, lt=1)
+    max_p95_latency_s: float = Field(default=ROLLOUT_DEFAULTS["max_p95_latency_s"], gt=0)
     alpha: float = Field(default=0.01, gt=0, le=0.5)
     promote_alpha: float = Field(default=0.05, gt=0, le=0.5)
     min_rate_ratio: float = Field(default=1.5, gt=1)
-    steps: list[int] = Field(default_factory=lambda: [5, 25, 50])
-    min_requests_per_step: int = Field(default=100, ge=1)
+    steps: list[int] = Field(default_factory=lambda: list(ROLLOUT_DEFAULTS["steps"]))
+    min_requests_per_step: int = Field(default=ROLLOUT_DEFAULTS["min_requests_per_step"], ge=1)
     no_data_deadline_s: float = Field(default=120.0, gt=0)
-    poll_s: float = Field(default=2.0, gt=0)
+    poll_s: float = Field(default=ROLLOUT_DEFAULTS["poll_s"], gt=0)
     timeout_s: float = Field(default=900.0, gt=0)
     validation_requests: int = Field(default=50, ge=1)
     ab_alpha: float = Field(default=0.05, gt=0, le=0.5)
-    ab_base_rate: float = Field(default=0.05, gt=0, lt=1)
-    ab_min_lift: float = Field(default=0.10, gt=0)
+    ab_base_rate: float = Field(default=ROLLOUT_DEFAULTS["ab_base_rate"], gt=0, lt=1)
+    ab_min_lift: float = Field(default=ROLLOUT_DEFAULTS["ab_min_lift"], gt=0)
 
     def thresholds(self):
-        """The policy as the analysis's `Thresholds` (numpy is imported only when a rollout runs)."""
+        """The policy as the analysis's `Thresholds`, whose every field is a field of the policy (numpy is imported
+        only when a rollout runs)."""
+        from dataclasses import fields
+
         from mlops_assets.core.rollout.analysis import Thresholds
 
-        return Thresholds(
-            max_error_rate=self.max_error_rate,
-            max_p95_latency_s=self.max_p95_latency_s,
-            alpha=self.alpha,
-            promote_alpha=self.promote_alpha,
-            min_rate_ratio=self.min_rate_ratio,
-            steps=tuple(self.steps),
-            min_requests_per_step=self.min_requests_per_step,
-            no_data_deadline_s=self.no_data_deadline_s,
-        )
+        values = {f.name: getattr(self, f.name) for f in fields(Thresholds)}
+        return Thresholds(**{**values, "steps": tuple(self.steps)})
