@@ -12,6 +12,8 @@ import copy
 import re
 from dataclasses import dataclass, field
 
+from mlops_assets.core.settings import DEFAULT_NAMESPACE
+
 API_VERSION = "serving.kserve.io/v1beta1"
 KIND = "InferenceService"
 ANNOTATION_PREFIX = "mlops-assets.dev"
@@ -88,7 +90,7 @@ def validate_storage_uri(uri: str, what: str = "storage URI") -> str:
     known = next((p for p in (*KSERVE_STORAGE_PREFIXES, MLFLOW_PROXIED_PREFIX) if p.split(":", 1)[0] == scheme.lower()), None)
     hint = ""
     if scheme.lower() in ("models", "runs"):
-        # The source guide's `models://name/version`, and MLflow's own `models:/name/version` or `runs:/`, are
+        # `models://name/version` (a common misspelling), and MLflow's own `models:/name/version` or `runs:/`, are
         # references only MLflow resolves; KServe's storage initializer would look for a relative path.
         form = "models:/name/version (one slash)" if scheme.lower() == "models" else "runs:/<run_id>/<path>"
         hint = (
@@ -98,6 +100,10 @@ def validate_storage_uri(uri: str, what: str = "storage URI") -> str:
     elif known is not None:
         hint = f" (KServe matches the prefix exactly: write {known}...)"
     raise ManifestError(f"{what} {uri!r} has scheme {scheme!r}, which KServe cannot read; use {_ACCEPTED_STORAGE}{hint}")
+
+
+#: The run tag naming the InferenceService a run acts on (set by the sensors, read by the UI's filters).
+ISVC_TAG = "mlops-assets/isvc"
 
 
 def isvc_name_for(model_name: str) -> str:
@@ -113,7 +119,7 @@ class Deployment:
     model_name: str
     version: str
     storage_uri: str
-    namespace: str = "mlops"
+    namespace: str = DEFAULT_NAMESPACE  # a KubernetesPlatform puts the service in its own namespace
     model_format: str = "mlflow"
     protocol: str = "v2"
     run_id: str = ""
