@@ -31,6 +31,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from mlops_assets.core.config import EngineConfig
+from mlops_assets.core.settings import apply_mlflow_client_env, mlflow_http_timeout_s
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -157,8 +158,7 @@ def _http_reason(chain: list[BaseException]) -> str | None:
             if status:
                 return f"it keeps answering HTTP {status.group(1)}"
     if any(isinstance(e, (TimeoutError, requests.Timeout, urllib3.exceptions.TimeoutError)) for e in chain):
-        timeout = os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")
-        return f"no answer within {timeout}s (timed out)"
+        return f"no answer within {mlflow_http_timeout_s()}s (timed out)"
     last = chain[-1]
     return f"{type(last).__name__}: {_one_line(last)}"
 
@@ -230,7 +230,7 @@ class VersionInfo:
 
     @property
     def model_uri(self) -> str:
-        # MLflow's registry URI scheme is `models:/name/version` (the guide's `models://` is wrong).
+        # MLflow's registry URI scheme is `models:/name/version` (one slash: `models://` is not it).
         return f"models:/{self.name}/{self.version}"
 
 
@@ -247,8 +247,7 @@ class MlflowRegistry(EngineConfig):
 
         if self.tracking_uri.startswith("http"):
             # MLflow's default retries take minutes against a dead server; fail in seconds instead.
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+            apply_mlflow_client_env()
         self._check_sqlite_path()
         return self._call("open the registry", MlflowClient, tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
 
