@@ -35,3 +35,40 @@ def test_overrides():
 def test_bad_values_name_the_variable(environ, message):
     with pytest.raises(SettingsError, match=message):
         load_settings(environ)
+
+
+def test_rollout_defaults_are_written_once():
+    """MLOPS_ROLLOUT_* defaults live in settings; the policy, the canary analysis and the A/B test use them."""
+    from mlops_assets.core.rollout.ab import ABTest
+    from mlops_assets.core.rollout.analysis import Thresholds
+    from mlops_assets.core.rollout.policy import RolloutPolicy
+    from mlops_assets.core.settings import ROLLOUT_VARIABLES
+
+    policy = RolloutPolicy()
+    for name, (field, parse, default) in ROLLOUT_VARIABLES.items():
+        expected = list(default) if isinstance(default, tuple) else default
+        assert parse(VARIABLES[name]) == expected == getattr(policy, field), name
+    assert policy.thresholds() == Thresholds()
+    ab = ABTest()
+    assert (ab.alpha, ab.base_rate, ab.lift) == (policy.ab_alpha, policy.ab_base_rate, policy.ab_min_lift)
+    assert load_settings({}).rollout == {}
+    overridden = RolloutPolicy(**load_settings({"MLOPS_ROLLOUT_STEPS": "10,50", "MLOPS_ROLLOUT_POLL_S": "0.5"}).rollout)
+    assert (overridden.steps, overridden.poll_s, overridden.thresholds().steps) == ([10, 50], 0.5, (10, 50))
+
+
+def test_namespace_default_is_the_serving_namespace():
+    from mlops_assets.core.serving.manifest import Deployment
+    from mlops_assets.core.settings import DEFAULT_NAMESPACE
+
+    assert DEFAULT_NAMESPACE == "mlops-serving" == load_settings({}).namespace
+    assert Deployment(model_name="m", version="1", storage_uri="s3://b/m").namespace == DEFAULT_NAMESPACE
+    assert load_settings({"MLOPS_NAMESPACE": "team-a"}).namespace == "team-a"
+
+
+def test_mlflow_client_env_defaults_never_override_the_environment():
+    from mlops_assets.core.settings import MLFLOW_CLIENT_ENV, apply_mlflow_client_env, mlflow_http_timeout_s
+
+    environ = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "3"}
+    apply_mlflow_client_env(environ=environ)
+    assert environ == {**MLFLOW_CLIENT_ENV, "MLFLOW_HTTP_REQUEST_TIMEOUT": "3"}
+    assert mlflow_http_timeout_s(environ) == "3" and mlflow_http_timeout_s({}) == "120"
