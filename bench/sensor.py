@@ -19,7 +19,7 @@ from pathlib import Path
 import dagster as dg
 
 from mlops_assets.core.registry import CHAMPION, MlflowRegistry
-from mlops_assets.defs.models.sensors import mlflow_registry_sensor
+from mlops_assets.defs.serving.sensors import mlflow_registry_sensor
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 5000
 MODEL = "fraud_detector"

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import aiohttp
 
@@ -32,3 +35,13 @@ def fire(url: str, n: int, body: bytes | None = None, headers_for=None, concurre
             return await asyncio.gather(*(one(i) for i in range(n)))
 
     return asyncio.run(run())
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dagster_cli(*args: str, env: dict) -> subprocess.CompletedProcess:
+    """Run the venv's `dagster` command from the project root, as a user would."""
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("dagster")), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
+    )

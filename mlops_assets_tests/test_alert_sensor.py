@@ -100,6 +100,7 @@ def test_alerts_on_a_failing_stable_revision_and_on_drift_launch_rollback_and_re
             resources=resources,
             instance=instance,
             run_config=rollback.run_config,
+            tags=rollback.tags,
             raise_on_error=False,
         )
         events = {e.asset_key.to_user_string(): e.materialization.metadata for e in run.get_asset_materialization_events()}

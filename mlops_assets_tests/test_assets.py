@@ -14,6 +14,7 @@ from mlops_assets.core.serving.platform import LocalPlatform, http_json
 from mlops_assets.core.settings import load_settings
 from mlops_assets.definitions import ALL_ASSETS, ALL_CHECKS
 from mlops_assets.defs.resources import build_resources
+from mlops_assets.defs.serving.assets import ROLLOUT_TAG
 from mlops_assets_tests.conftest import processes_under
 
 
@@ -163,7 +164,8 @@ def test_a_rollout_whose_run_died_is_reconciled_and_missing_traffic_never_promot
         resources=fast,
         instance=instance,
         raise_on_error=False,
-        run_config={"ops": {"serving__fraud_detector": {"config": {"strategy": "canary", "version": "2"}}}},
+        tags={ROLLOUT_TAG: "canary"},  # what canary_rollout_job sets
+        run_config={"ops": {"serving__fraud_detector": {"config": {"version": "2"}}}},
     )
     events = [e.materialization.metadata for e in result.get_asset_materialization_events()]
     kinds = [m["rollout_event"].value for m in events if "rollout_event" in m]

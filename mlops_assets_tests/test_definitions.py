@@ -11,6 +11,8 @@ from pathlib import Path
 
 import dagster as dg
 
+from mlops_assets_tests.helpers import dagster_cli
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,14 +32,7 @@ def test_dagster_cli_validates_the_workspace(tmp_path):
     (tmp_path / "mlops").mkdir()
     (tmp_path / "dagster").mkdir()
     env = {**os.environ, "MLOPS_HOME": str(tmp_path / "mlops"), "DAGSTER_HOME": str(tmp_path / "dagster")}
-    out = subprocess.run(
-        [str(Path(sys.executable).with_name("dagster")), "definitions", "validate", "-w", "workspace.yaml"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    out = dagster_cli("definitions", "validate", "-w", "workspace.yaml", env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     assert not list((tmp_path / "mlops").iterdir()), "loading the definitions must not write into MLOPS_HOME"
 

@@ -37,7 +37,7 @@ from mlops_assets.core.registry import (
     RegistryError,
     RegistryUnavailableError,
 )
-from mlops_assets.defs.models.sensors import mlflow_registry_sensor
+from mlops_assets.defs.serving.sensors import mlflow_registry_sensor
 from mlops_assets.demo.training import train_and_register
 
 MODEL = "fraud_detector"

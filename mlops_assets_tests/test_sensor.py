@@ -9,7 +9,7 @@ import dagster as dg
 import pytest
 
 from mlops_assets.core.registry import CHALLENGER, CHAMPION, MlflowRegistry
-from mlops_assets.defs.models.sensors import mlflow_registry_sensor
+from mlops_assets.defs.serving.sensors import mlflow_registry_sensor
 from mlops_assets.demo.training import train_and_register
 
 MODEL = "fraud_detector"

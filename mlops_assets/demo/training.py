@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from mlops_assets.core.registry import MlflowRegistry, VersionInfo, validate_model_name
+from mlops_assets.core.rollout.policy import STRATEGY_TAG
 from mlops_assets.demo.data import (
     CATEGORICAL_FEATURES,
     FEATURES,
@@ -111,7 +112,7 @@ def train_and_register(
     if recent is not None:
         tags["training_data"] = f"recent traffic ({n_rows} rows)"
     if strategy:
-        tags["rollout_strategy"] = strategy
+        tags[STRATEGY_TAG] = strategy
     if fault is not None:
         tags["fault_injection"] = json.dumps({"latency_ms": fault.latency_ms, "error_rate": fault.error_rate})
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"train-{model_name}") as run:

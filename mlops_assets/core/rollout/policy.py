@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 from pydantic import Field
 
 from mlops_assets.core.config import EngineConfig
 from mlops_assets.core.settings import ROLLOUT_DEFAULTS
 
-STRATEGIES = {"canary": "canary_rollout_job", "blue_green": "blue_green_job", "ab_test": "ab_test_job"}
+
+class Strategy(StrEnum):
+    """How a new model version reaches users; the closed set a rollout can be asked for."""
+
+    CANARY = "canary"
+    BLUE_GREEN = "blue_green"
+    AB_TEST = "ab_test"
+
+
+#: The registry tag (on a version, or else on its model) that picks the strategy of its rollout.
 STRATEGY_TAG = "rollout_strategy"
+DEFAULT_STRATEGY = Strategy.CANARY
+
+
+def strategy_from_tag(tag: str | None) -> Strategy:
+    """The strategy a registry tag asks for; canary when the tag is absent or names none."""
+    try:
+        return Strategy(tag) if tag else DEFAULT_STRATEGY
+    except ValueError:
+        return DEFAULT_STRATEGY
 
 
 class RolloutPolicy(EngineConfig):

@@ -32,6 +32,9 @@ class RolloutEvent:
     status: ServiceStatus
     evidence: dict
     elapsed_s: float
+    #: Filled in by the runner: which rollout, and which model version it rolls out.
+    rollout_id: str = ""
+    candidate_version: str = ""
 
 
 @dataclass

@@ -5,6 +5,7 @@ from pydantic import Field
 
 from mlops_assets.core.kube import run_pod_tags
 from mlops_assets.core.registry import CHALLENGER, CHAMPION, MlflowRegistry, UnknownModelError
+from mlops_assets.core.serving.manifest import isvc_name_for
 from mlops_assets.core.serving.platform import ServingPlatform
 
 GROUP = "models"
@@ -97,6 +98,34 @@ def build_model_asset(model_name: str) -> dg.AssetsDefinition:
 
 
 model_assets = [build_model_asset(name) for name in MODEL_NAMES]
+
+
+def build_champion_asset(model_name: str) -> dg.AssetsDefinition:
+    isvc = isvc_name_for(model_name)
+
+    @dg.asset(
+        key=["models", f"{model_name}_champion"], group_name=GROUP, deps=[dg.AssetKey(["serving", model_name])], kinds={"mlflow"}
+    )
+    def _champion(
+        context: dg.AssetExecutionContext, mlflow: dg.ResourceParam[MlflowRegistry], serving: dg.ResourceParam[ServingPlatform]
+    ) -> dg.MaterializeResult:
+        """MLflow's `champion` alias, moved to the version serving/<name> now serves as its stable
+        revision. Runs only after serving's blocking checks pass: the registry's promotion gate."""
+        stable = serving.status(isvc).stable_version
+        try:
+            before = mlflow.version_by_alias(model_name, CHAMPION).version
+        except LookupError:
+            before = None
+        if stable and stable != before:
+            mlflow.set_alias(model_name, CHAMPION, stable)
+            context.log.info(f"champion of {model_name}: v{before} -> v{stable}")
+        return dg.MaterializeResult(metadata={"champion_version": stable or "", "previous_champion": before or ""})
+
+    return _champion
+
+
+champion_assets = [build_champion_asset(name) for name in MODEL_NAMES]
+
 retrain_job = dg.define_asset_job(
     "retrain_job",
     selection=dg.AssetSelection.assets(*model_assets),
@@ -104,4 +133,4 @@ retrain_job = dg.define_asset_job(
     # On a cluster: training holds the recent payloads, the frame and the fitted pipeline in memory.
     tags=run_pod_tags(cpu="1", memory="2Gi", memory_limit="4Gi"),
 )
-defs = dg.Definitions(assets=model_assets, jobs=[retrain_job])
+defs = dg.Definitions(assets=[*model_assets, *champion_assets], jobs=[retrain_job])

@@ -10,10 +10,11 @@ Prometheus down means a skipped tick that says so.
 import dagster as dg
 
 from mlops_assets.core.monitoring.alerts import RETRAIN_ALERTS, ROLLBACK_ALERTS, AlertsUnavailableError, PrometheusAlerts
-from mlops_assets.core.serving.manifest import isvc_name_for
+from mlops_assets.core.serving.manifest import ISVC_TAG, isvc_name_for
 from mlops_assets.core.serving.platform import ServingPlatform, UnknownServiceError
 from mlops_assets.defs.models.assets import MODEL_NAMES, retrain_job
-from mlops_assets.defs.serving.assets import rollback_job
+from mlops_assets.defs.serving.assets import ROLLBACK, ROLLOUT_TAG
+from mlops_assets.defs.serving.jobs import rollback_job
 
 MODEL_BY_ISVC = {isvc_name_for(name): name for name in MODEL_NAMES}
 
@@ -56,13 +57,9 @@ def prometheus_alert_sensor(
                 dg.RunRequest(
                     run_key=f"rollback:{isvc}:{revision}",
                     job_name="rollback_job",
-                    run_config={
-                        "ops": {
-                            f"serving__{model}": {"config": {"strategy": "rollback", "triggered_by": f"alert {name}: {summary}"}}
-                        }
-                    },
+                    run_config={"ops": {f"serving__{model}": {"config": {"triggered_by": f"alert {name}: {summary}"}}}},
                     asset_selection=[dg.AssetKey(["serving", model]), dg.AssetKey(["models", f"{model}_champion"])],
-                    tags={"mlops-assets/isvc": isvc, "mlops-assets/alert": name},
+                    tags={ISVC_TAG: isvc, "mlops-assets/alert": name, ROLLOUT_TAG: ROLLBACK},
                 )
             )
         else:
@@ -74,7 +71,7 @@ def prometheus_alert_sensor(
                         "ops": {f"models__{model}": {"config": {"recent_data": True, "triggered_by": f"alert {name}: {summary}"}}}
                     },
                     asset_selection=[dg.AssetKey(["models", model])],
-                    tags={"mlops-assets/alert": name, "mlops-assets/isvc": isvc},
+                    tags={"mlops-assets/alert": name, ISVC_TAG: isvc},
                 )
             )
     if not requests:

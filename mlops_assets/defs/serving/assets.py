@@ -1,41 +1,43 @@
 """`serving/<name>`: the live InferenceService for a registered model, and its rollouts.
 
-Without rollout config, materializing applies the manifest for the model's `champion` version
-(an unchanged manifest changes nothing). With `strategy` set (canary, blue_green, ab_test), it
-rolls `version` out with that strategy: every traffic change is recorded as a materialization of
-this asset carrying its evidence, so the asset's history is the audit trail of every rollout.
-The blocking checks `error_rate` and `p95_latency` then judge the result; only if they pass does
-`models/<name>_champion` move MLflow's `champion` alias.
+What materializing does is chosen by the run's job, through its `mlops-assets/rollout` tag:
+without one (the UI's Materialize, `lifecycle_job`) it applies the manifest for the model's
+`champion` version (an unchanged manifest changes nothing); `canary_rollout_job`, `blue_green_job`
+and `ab_test_job` roll `version` (default: the `challenger` alias) out with their strategy;
+`rollback_job` sends traffic back to the previous good revision. The rollout itself is the engine's
+`RolloutRunner`; this asset turns its events into materializations carrying their evidence, so the
+asset's history is the audit trail of every rollout. The blocking checks `error_rate` and
+`p95_latency` then judge the result; only if they pass does `models/<name>_champion` move MLflow's
+`champion` alias.
 """
 
 import json
-import os
-import socket
-import time
-import uuid
 from collections.abc import Callable
 
 import dagster as dg
 
-from mlops_assets.core.registry import CHALLENGER, CHAMPION, MlflowRegistry
-from mlops_assets.core.rollout.policy import STRATEGIES, RolloutPolicy
+from mlops_assets.core.registry import CHALLENGER, CHAMPION, AliasNotSetError, MlflowRegistry
+from mlops_assets.core.rollout.policy import RolloutPolicy, Strategy
 from mlops_assets.core.serving.manifest import Deployment, build_inference_service, isvc_name_for
 from mlops_assets.core.serving.metrics import MetricsSource, MetricsUnavailableError, RevisionCounts
 from mlops_assets.core.serving.platform import ServiceStatus, ServingPlatform, http_json
+from mlops_assets.core.settings import DEFAULT_NAMESPACE
 from mlops_assets.defs.models.assets import MODEL_NAMES
 
 GROUP = "serving"
 CHECK_PREDICTOR_ANSWERS = "predictor_answers"
 CHECK_ERROR_RATE = "error_rate"
 CHECK_P95_LATENCY = "p95_latency"
-ISVC_TAG = "mlops-assets/isvc"
+#: The run tag that says what a run of the serving asset does: a `Strategy` value, or ROLLBACK.
+ROLLOUT_TAG = "mlops-assets/rollout"
+ROLLBACK = "rollback"
+ACTIONS = (*[str(s) for s in Strategy], ROLLBACK)
 
 
 class ServingConfig(dg.Config):
-    alias: str = CHAMPION
-    namespace: str = "mlops"
-    strategy: str = ""  # "" deploys the alias; canary | blue_green | ab_test rolls `version` out
-    version: str = ""  # the version to roll out (default: the `challenger` alias)
+    alias: str = CHAMPION  # the alias a plain materialization deploys
+    namespace: str = DEFAULT_NAMESPACE
+    version: str = ""  # the version a rollout job rolls out (default: the `challenger` alias)
     triggered_by: str = ""
 
 
@@ -96,6 +98,22 @@ def _run_is_active(instance: dg.DagsterInstance, run_id: str) -> bool:
     return run is not None and not run.is_finished
 
 
+def requested_action(context: dg.AssetExecutionContext) -> str | None:
+    """What the run's job asks of the serving asset (None: deploy the alias)."""
+    action = context.run.tags.get(ROLLOUT_TAG)
+    if action is not None and action not in ACTIONS:
+        raise dg.Failure(f"run tag {ROLLOUT_TAG}={action!r} names no rollout; expected one of {', '.join(ACTIONS)}")
+    return action
+
+
+def _validation_body() -> bytes:
+    """One request of the served model's payload, for blue-green validation."""
+    from mlops_assets.core.serving.payloads import v1_payload
+    from mlops_assets.demo.data import FEATURES, generate_fraud_data
+
+    return json.dumps(v1_payload(generate_fraud_data(1, seed=11)[FEATURES])).encode()
+
+
 def build_serving_asset(model_name: str) -> tuple[dg.AssetsDefinition, list[dg.AssetChecksDefinition]]:
     isvc = isvc_name_for(model_name)
     key = dg.AssetKey(["serving", model_name])
@@ -117,8 +135,27 @@ def build_serving_asset(model_name: str) -> tuple[dg.AssetsDefinition, list[dg.A
         """The live InferenceService (serving.kserve.io/v1beta1) of the model: URL, revisions,
         traffic split, per-revision request counts. Its materializations are the audit trail of
         every rollout (canary steps, blue-green switches, A/B decisions) with their evidence."""
-        if config.strategy:
-            return _rollout(context, config, mlflow, serving, metrics, rollout_policy)
+        action = requested_action(context)
+        if action is None:
+            return _deploy(context, config, mlflow, serving, metrics)
+        # Imported here: the rollout analysis needs numpy, which the code location does not load.
+        from mlops_assets.core.rollout.runner import RolloutRunner
+
+        runner = RolloutRunner(
+            platform=serving,
+            metrics=metrics,
+            registry=mlflow,
+            policy=rollout_policy,
+            emit=lambda event: context.log_event(_event_materialization(event, action)),
+            log=context.log.info,
+            run_is_active=lambda run_id: _run_is_active(context.instance, run_id),
+            validation_body=_validation_body() if action == Strategy.BLUE_GREEN else None,
+        )
+        if action == ROLLBACK:
+            return _rollback(runner, config, mlflow, serving, metrics)
+        return _rollout(context, runner, Strategy(action), config, mlflow, serving, metrics)
+
+    def _deploy(context, config, mlflow, serving, metrics) -> dg.MaterializeResult:
         version = mlflow.version_by_alias(model_name, config.alias)
         manifest = build_inference_service(
             Deployment(
@@ -155,116 +192,52 @@ def build_serving_asset(model_name: str) -> tuple[dg.AssetsDefinition, list[dg.A
             metadata["mlflow_ui"] = dg.MetadataValue.url(mlflow.model_ui_url(model_name, version))
         return metadata
 
-    def _rollout(context, config, mlflow, serving, metrics, policy) -> dg.MaterializeResult:
-        from mlops_assets.core.rollout.strategies import (
-            CandidateNotRolledBackError,
-            RolloutContext,
-            run_ab_test,
-            run_blue_green,
-            run_canary,
+    def _event_materialization(event, action: str) -> dg.AssetMaterialization:
+        return dg.AssetMaterialization(
+            asset_key=key,
+            description=f"{action} {event.kind}: {event.evidence.get('reason', '')}",
+            metadata={
+                "rollout_id": event.rollout_id,
+                "rollout_event": event.kind,
+                "strategy": action,
+                "candidate_version": event.candidate_version,
+                "elapsed_s": event.elapsed_s,
+                **status_metadata(event.status),
+                **_evidence_metadata(event.evidence),
+            },
         )
-        from mlops_assets.core.serving.lock import LockInfo
 
-        if config.strategy == "rollback":
-            return _alert_rollback(context, config, mlflow, serving, metrics)
-        if config.strategy not in STRATEGIES:
-            raise dg.Failure(f"unknown rollout strategy {config.strategy!r}; expected one of {sorted(STRATEGIES)}")
-        version = (
-            mlflow.get_version(model_name, config.version) if config.version else mlflow.version_by_alias(model_name, CHALLENGER)
-        )
-        rollout_id = f"{config.strategy}-{model_name}-v{version.version}-{uuid.uuid4().hex[:6]}"
-        lock = serving.rollout_lock(isvc)
-        info = LockInfo(
-            isvc, rollout_id, context.run_id, config.strategy, version.version, time.time(), os.getpid(), socket.gethostname()
-        )
-        stale = lock.acquire(info, lambda run_id: _run_is_active(context.instance, run_id))
-        release = True
+    def _rollout(context, runner, strategy, config, mlflow, serving, metrics) -> dg.MaterializeResult:
+        from mlops_assets.core.rollout.runner import RolloutRequest
+
         try:
-            if stale is not None:
-                status = serving.status(isvc)
-                if status.latest_ready != status.latest_rolledout and status.percent_of(status.latest_ready) > 0:
-                    status = serving.rollback(isvc)
-                    context.log.warning(f"rollout {stale.rollout_id} (run {stale.run_id}) died mid-rollout: rolled {isvc} back")
-                    context.log_event(
-                        dg.AssetMaterialization(
-                            asset_key=key,
-                            description=f"reconciled: rollout {stale.rollout_id} died; rolled back to the last good revision",
-                            metadata={
-                                "rollout_event": "reconcile_rollback",
-                                "stale_run_id": stale.run_id,
-                                **status_metadata(status),
-                            },
-                        )
-                    )
-            manifest = build_inference_service(
-                Deployment(
-                    model_name=model_name,
-                    version=version.version,
-                    storage_uri=version.download_uri,
-                    namespace=config.namespace,
-                    run_id=version.run_id,
-                    rollout_id=rollout_id,
-                    triggered_by=config.triggered_by or f"dagster run {context.run_id}",
-                )
+            version = (
+                mlflow.get_version(model_name, config.version)
+                if config.version
+                else mlflow.version_by_alias(model_name, CHALLENGER)
             )
-
-            def emit(event) -> None:
-                context.log_event(
-                    dg.AssetMaterialization(
-                        asset_key=key,
-                        description=f"{config.strategy} {event.kind}: {event.evidence.get('reason', '')}",
-                        metadata={
-                            "rollout_id": rollout_id,
-                            "rollout_event": event.kind,
-                            "strategy": config.strategy,
-                            "candidate_version": version.version,
-                            "elapsed_s": event.elapsed_s,
-                            **status_metadata(event.status),
-                            **_evidence_metadata(event.evidence),
-                        },
-                    )
-                )
-
-            ctx = RolloutContext(
-                platform=serving,
-                metrics=metrics,
-                isvc=isvc,
-                emit=emit,
-                log=context.log.info,
-                poll_s=policy.poll_s,
-                timeout_s=policy.timeout_s,
-            )
-            context.log.info(f"{rollout_id}: rolling out {model_name} v{version.version} with {config.strategy}")
-            if config.strategy == "canary":
-                result = run_canary(ctx, manifest, policy.thresholds())
-            elif config.strategy == "blue_green":
-                from mlops_assets.core.serving.payloads import v1_payload
-                from mlops_assets.demo.data import FEATURES, generate_fraud_data
-
-                body = json.dumps(v1_payload(generate_fraud_data(1, seed=11)[FEATURES])).encode()
-                result = run_blue_green(ctx, manifest, policy.thresholds(), body, policy.validation_requests)
-            else:
-                from mlops_assets.core.rollout.ab import ABTest
-
-                result = run_ab_test(
-                    ctx, manifest, ABTest(alpha=policy.ab_alpha, base_rate=policy.ab_base_rate, lift=policy.ab_min_lift)
-                )
-        except CandidateNotRolledBackError:
-            # Keep the lock: the next rollout sees a dead owner and rolls the service back first.
-            release = False
-            raise
-        finally:
-            if release:
-                lock.release(info)
-        mlflow.set_version_tag(model_name, version.version, f"rollout.{config.strategy}", result.outcome)
-        status = serving.status(isvc)
-        context.log.info(f"{rollout_id}: {result.outcome} after {result.duration_s:.1f}s ({result.reason})")
-        metadata = _final_metadata(status, mlflow, serving, metrics, version.version, version.model_uri)
+        except AliasNotSetError as exc:
+            raise dg.Failure(
+                f"{strategy} rollout of {model_name}: which version? No version has the alias '{CHALLENGER}' ({exc}). "
+                f"Set the alias in MLflow, or pass the version as run config: "
+                f"ops: {{serving__{model_name}: {{config: {{version: '<n>'}}}}}}"
+            ) from exc
+        request = RolloutRequest(
+            model_name=model_name,
+            version=version,
+            strategy=strategy,
+            namespace=config.namespace,
+            triggered_by=config.triggered_by or f"dagster run {context.run_id}",
+            run_id=context.run_id,
+        )
+        report = runner.run(request)
+        result = report.result
+        metadata = _final_metadata(report.status, mlflow, serving, metrics, version.version, version.model_uri)
         metadata.update(
             {
-                "rollout_id": rollout_id,
+                "rollout_id": report.rollout_id,
                 "rollout_outcome": result.outcome,
-                "strategy": config.strategy,
+                "strategy": str(strategy),
                 "candidate_version": version.version,
                 "candidate_revision": result.candidate_revision or "",
                 "candidate_failed_requests": _count_or_unknown(result.candidate_failed_requests),
@@ -276,27 +249,19 @@ def build_serving_asset(model_name: str) -> tuple[dg.AssetsDefinition, list[dg.A
         )
         return dg.MaterializeResult(metadata=metadata)
 
-    def _alert_rollback(context, config, mlflow, serving, metrics) -> dg.MaterializeResult:
-        """An alert fired on the stable revision: send traffic back to the previous good one (kept
-        warm) and point MLflow's champion at it. The bad revision stays at 0% for debugging."""
-        before = serving.status(isvc)
-        bad = before.latest_rolledout
-        status = serving.rollback(isvc)
-        good_version = status.stable_version
-        if good_version:
-            mlflow.set_alias(model_name, CHAMPION, good_version)
-        reason = f"rolled back {bad} (v{before.stable_version}) to v{good_version}: {config.triggered_by or 'manual'}"
-        context.log.warning(reason)
-        metadata = _final_metadata(status, mlflow, serving, metrics, good_version or "", f"models:/{model_name}/{good_version}")
+    def _rollback(runner, config, mlflow, serving, metrics) -> dg.MaterializeResult:
+        report = runner.rollback(model_name, config.triggered_by or "manual")
+        good = report.good_version or ""
+        metadata = _final_metadata(report.status, mlflow, serving, metrics, good, f"models:/{model_name}/{good}")
         metadata.update(
             {
-                "rollout_id": f"rollback-{model_name}-{uuid.uuid4().hex[:6]}",
+                "rollout_id": report.rollout_id,
                 "rollout_event": "alert_rollback",
                 "rollout_outcome": "rolled_back",
-                "strategy": "rollback",
-                "candidate_version": before.stable_version or "",
-                "candidate_revision": bad or "",
-                "reason": reason,
+                "strategy": ROLLBACK,
+                "candidate_version": report.bad_version or "",
+                "candidate_revision": report.bad_revision or "",
+                "reason": report.reason,
                 "evidence": dg.MetadataValue.json({"fired": ["prometheus_alert"], "trigger": config.triggered_by}),
             }
         )
@@ -438,40 +403,8 @@ def build_serving_asset(model_name: str) -> tuple[dg.AssetsDefinition, list[dg.A
     return _serving, [_answers, _error_rate, _p95]
 
 
-def build_champion_asset(model_name: str) -> dg.AssetsDefinition:
-    isvc = isvc_name_for(model_name)
-
-    @dg.asset(
-        key=["models", f"{model_name}_champion"], group_name=GROUP, deps=[dg.AssetKey(["serving", model_name])], kinds={"mlflow"}
-    )
-    def _champion(
-        context: dg.AssetExecutionContext, mlflow: dg.ResourceParam[MlflowRegistry], serving: dg.ResourceParam[ServingPlatform]
-    ) -> dg.MaterializeResult:
-        """MLflow's `champion` alias, moved to the version serving/<name> now serves as its stable
-        revision. Runs only after serving's blocking checks pass: the registry's promotion gate."""
-        stable = serving.status(isvc).stable_version
-        try:
-            before = mlflow.version_by_alias(model_name, CHAMPION).version
-        except LookupError:
-            before = None
-        if stable and stable != before:
-            mlflow.set_alias(model_name, CHAMPION, stable)
-            context.log.info(f"champion of {model_name}: v{before} -> v{stable}")
-        return dg.MaterializeResult(metadata={"champion_version": stable or "", "previous_champion": before or ""})
-
-    return _champion
-
-
 _built = [build_serving_asset(name) for name in MODEL_NAMES]
 serving_assets = [asset for asset, _ in _built]
 serving_checks = [check for _, checks in _built for check in checks]
-champion_assets = [build_champion_asset(name) for name in MODEL_NAMES]
-rollout_selection = dg.AssetSelection.assets(*serving_assets, *champion_assets)
-rollout_jobs = [
-    dg.define_asset_job(job, selection=rollout_selection, description=f"Roll a model version out with the {strategy} strategy.")
-    for strategy, job in STRATEGIES.items()
-]
-rollback_job = dg.define_asset_job(
-    "rollback_job", selection=rollout_selection, description="Send traffic back to the previous good revision (alert-driven)."
-)
-defs = dg.Definitions(assets=[*serving_assets, *champion_assets], asset_checks=serving_checks, jobs=[*rollout_jobs, rollback_job])
+
+defs = dg.Definitions(assets=serving_assets, asset_checks=serving_checks)

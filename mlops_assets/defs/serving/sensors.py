@@ -18,30 +18,25 @@ import time
 import dagster as dg
 
 from mlops_assets.core.registry import CHALLENGER, CHAMPION, MlflowRegistry, ModelNotFoundError, RegistryError
-from mlops_assets.core.rollout.policy import STRATEGIES, STRATEGY_TAG
-from mlops_assets.core.serving.manifest import isvc_name_for
+from mlops_assets.core.rollout.policy import STRATEGY_TAG, Strategy, strategy_from_tag
+from mlops_assets.core.serving.manifest import ISVC_TAG, isvc_name_for
 from mlops_assets.defs.models.assets import MODEL_NAMES
-from mlops_assets.defs.serving.assets import rollout_jobs
+from mlops_assets.defs.serving.assets import ROLLOUT_TAG
+from mlops_assets.defs.serving.jobs import JOB_FOR_STRATEGY, rollout_jobs
 
-ISVC_TAG = "mlops-assets/isvc"
 
-
-def rollout_request(model: str, version: str, strategy: str, reason: str) -> dg.RunRequest:
+def rollout_request(model: str, version: str, strategy: Strategy, reason: str) -> dg.RunRequest:
     return dg.RunRequest(
         run_key=f"{model}:{version}:{strategy}",
-        job_name=STRATEGIES[strategy],
-        run_config={"ops": {f"serving__{model}": {"config": {"strategy": strategy, "version": version, "triggered_by": reason}}}},
+        job_name=JOB_FOR_STRATEGY[strategy],
+        run_config={"ops": {f"serving__{model}": {"config": {"version": version, "triggered_by": reason}}}},
         asset_selection=[dg.AssetKey(["serving", model]), dg.AssetKey(["models", f"{model}_champion"])],
-        tags={ISVC_TAG: isvc_name_for(model), "mlops-assets/model-version": version, "mlops-assets/strategy": strategy},
+        tags={ISVC_TAG: isvc_name_for(model), "mlops-assets/model-version": version, ROLLOUT_TAG: str(strategy)},
     )
 
 
 #: How long the sensor trusts its cached copy of a model's tags (MLflow scans every version to read them).
 MODEL_TAGS_TTL_S = 300
-
-
-def _strategy(tag: str | None) -> str:
-    return tag if tag in STRATEGIES else "canary"
 
 
 @dg.sensor(
@@ -92,14 +87,14 @@ def mlflow_registry_sensor(context: dg.SensorEvaluationContext, mlflow: dg.Resou
             return dg.SkipReason(f"{exc}; cursor unchanged, no version lost")
         model_strategy = (state.get("tags") or {}).get(STRATEGY_TAG)
         for version in new:
-            strategy = _strategy(version.tags.get(STRATEGY_TAG) or model_strategy)
+            strategy = strategy_from_tag(version.tags.get(STRATEGY_TAG) or model_strategy)
             requests.append(
                 rollout_request(model, version.version, strategy, f"mlflow_registry_sensor: new version {version.version}")
             )
         state["seen"] = seen
         if reroll:
             reason = f"mlflow_registry_sensor: challenger -> v{challenger}"
-            requests.append(rollout_request(model, challenger, _strategy(model_strategy), reason))
+            requests.append(rollout_request(model, challenger, strategy_from_tag(model_strategy), reason))
         state["challenger"] = challenger
         cursor[model] = state
         if not new:
