@@ -24,8 +24,8 @@ from mlops_assets.core import processes
 from mlops_assets.core.platform import services
 from mlops_assets.core.serving.kubernetes import KubernetesPlatform, KubernetesPlatformError
 from mlops_assets.core.serving.payloads import v1_payload, v2_payload
+from mlops_assets.core.serving.wire import store_for
 from mlops_assets.demo.data import FEATURES, generate_fraud_data
-from mlops_assets.servers.payload_sink import store_for
 
 ISVC = "fraud-detector"
 

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from mlops_assets.core.settings import Settings, load_settings
+from mlops_assets.core.settings import Settings, dagster_home_for, load_settings
 from mlops_assets.demo.traffic import TrafficGenerator, send_traffic
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -32,12 +32,14 @@ def _say(msg: str) -> None:
 
 def prepare_dagster_home(settings: Settings) -> Path:
     """DAGSTER_HOME (default `$MLOPS_HOME/dagster`) holding the project's `dagster.yaml`."""
-    home = Path(os.environ.get("DAGSTER_HOME") or settings.home / "dagster").resolve()
+    home = dagster_home_for(settings)
     home.mkdir(parents=True, exist_ok=True)
     source = PROJECT_ROOT / "dagster.yaml"
     if not source.exists():
         raise SystemExit(f"dagster.yaml not found at {source}: install the project with `pip install -e .` from its checkout")
     shutil.copyfile(source, home / "dagster.yaml")
+    # The CLI starts the other processes (daemon, runs, servers): they find the instance and the
+    # platform through the environment they inherit.
     os.environ["DAGSTER_HOME"] = str(home)
     os.environ["MLOPS_HOME"] = str(settings.home)
     return home
@@ -483,7 +485,7 @@ def summary(
     lines += [
         "",
         "Where to look:",
-        f"  Dagster UI:  DAGSTER_HOME={os.environ['DAGSTER_HOME']} MLOPS_HOME={settings.home} dagster dev -w workspace.yaml",
+        f"  Dagster UI:  DAGSTER_HOME={dagster_home_for(settings)} MLOPS_HOME={settings.home} dagster dev -w workspace.yaml",
         "               then http://127.0.0.1:3000 -> Assets (platform, models, serving) and Runs",
         f"  MLflow UI:   {settings.mlflow_ui_url}" + ("" if keep_running else " (stopped; run the demo with --keep-running)"),
         f"  State+logs:  {settings.home}",
@@ -500,6 +502,8 @@ def demo(args: argparse.Namespace) -> int:
     from mlops_assets.instance import create_storage
 
     started = time.monotonic()
+    # The demo's rollout policy reaches the daemon and every run it starts through the environment
+    # they inherit; values the operator set win. Settings then read it like any other process.
     for key, value in DEMO_ROLLOUT_ENV.items():
         os.environ.setdefault(key, value)
     settings = load_settings()

@@ -72,6 +72,13 @@ VARIABLES: dict[str, str] = {
 #: MLflow's own defaults (7 retries with backoff, a 120 s timeout) take minutes against a dead server, longer than
 #: a sensor tick or an asset should hang. MLflow reads these variables on every request.
 MLFLOW_CLIENT_ENV: dict[str, str] = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+#: The payload sink's MLflow client: a store that is down must not hold a flush for minutes; the batch stays
+#: buffered and the next flush tries again.
+PAYLOAD_SINK_MLFLOW_CLIENT_ENV: dict[str, str] = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
 #: MLflow's own default for MLFLOW_HTTP_REQUEST_TIMEOUT, in seconds.
 MLFLOW_DEFAULT_HTTP_TIMEOUT_S = "120"
 
@@ -170,6 +177,19 @@ def apply_mlflow_client_env(
     environ = os.environ if environ is None else environ
     for name, value in defaults.items():
         environ.setdefault(name, value)
+
+
+def mlflow_tracking_uri_env(environ: Mapping[str, str] | None = None) -> str:
+    """MLFLOW_TRACKING_URI as MLflow's own clients read it ("" when unset): what the payload sink's
+    Deployment sets to find the tracking server."""
+    environ = os.environ if environ is None else environ
+    return environ.get("MLFLOW_TRACKING_URI", "")
+
+
+def dagster_home_for(settings: Settings, environ: Mapping[str, str] | None = None) -> Path:
+    """DAGSTER_HOME if set, else `$MLOPS_HOME/dagster`: where the CLI keeps the Dagster instance."""
+    environ = os.environ if environ is None else environ
+    return Path(environ.get("DAGSTER_HOME") or settings.home / "dagster").resolve()
 
 
 def mlflow_http_timeout_s(environ: Mapping[str, str] | None = None) -> str:

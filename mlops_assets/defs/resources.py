@@ -31,7 +31,7 @@ def build_resources(settings: Settings) -> dict:
             PAYLOAD_SINK_URL,
             KubernetesPlatform,
         )
-        from mlops_assets.servers.payload_sink import store_for
+        from mlops_assets.core.serving.wire import store_for
 
         if not settings.prometheus_url:
             raise SettingsError("MLOPS_ENV=kubernetes needs MLOPS_PROMETHEUS_URL (the cluster's Prometheus)")

@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import collections
 import logging
-import os
 import random
 import tempfile
 import time
@@ -41,17 +40,11 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from mlops_assets.core.serving.manifest import ManifestError, validate_dns1035
-from mlops_assets.core.serving.wire import DriftGauges, parse_drift_body, payload_line
+from mlops_assets.core.serving.wire import DriftGauges, parse_drift_body, payload_line, store_for
+from mlops_assets.core.settings import PAYLOAD_SINK_MLFLOW_CLIENT_ENV, apply_mlflow_client_env, mlflow_tracking_uri_env
 
 log = logging.getLogger("mlops_assets.payload_sink")
 REQUEST_EVENT = "org.kubeflow.serving.inference.request"
-
-
-def store_for(tracking_uri: str) -> str:
-    """The payload store behind an MLflow tracking server's artifact proxy (`--serve-artifacts`)."""
-    if not tracking_uri.startswith(("http://", "https://")):
-        raise ValueError(f"the payload store needs an MLflow tracking server (http[s]://...), got {tracking_uri!r}")
-    return f"{tracking_uri.rstrip('/')}/api/2.0/mlflow-artifacts/artifacts/payloads"
 
 
 def write_batch(store: str, isvc: str, lines: list[bytes]) -> str:
@@ -202,10 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # A store that is down must not hold a flush for minutes (MLflow's default is 7 retries with backoff):
     # the batch stays buffered and the next flush tries again.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    store = args.store or store_for(os.environ.get("MLFLOW_TRACKING_URI", ""))
+    apply_mlflow_client_env(PAYLOAD_SINK_MLFLOW_CLIENT_ENV)
+    store = args.store or store_for(mlflow_tracking_uri_env())
     sink = PayloadSink(store, args.sample_rate, args.flush_s, args.max_buffer_bytes)
     web.run_app(sink.app(), host=args.host, port=args.port, access_log=None, print=None)
 

@@ -145,7 +145,7 @@ class KubernetesPlatform(ServingPlatform):
     # The payload sink (serving/payload_sink.py) that KServe's payload logger sends requests to, and that holds
     # the drift gauges ("" = no payload logging: drift reports cannot run). PAYLOAD_SINK_URL in the cluster.
     payload_sink_url: str = ""
-    payload_store: str = ""  # where the sink writes its batches: payload_sink.store_for(the MLflow tracking URI)
+    payload_store: str = ""  # where the sink writes its batches: wire.store_for(the MLflow tracking URI)
     recent_window_s: float = 3600.0
     # The ServiceAccount whose Secret gives KServe's storage initializer read access to the models ("" = none).
     service_account: str = ""

@@ -39,3 +39,10 @@ class DriftGauges:
         for feature, score in features.items():
             self.score.labels(isvc, feature).set(score)
         self.share.labels(isvc).set(share)
+
+
+def store_for(tracking_uri: str) -> str:
+    """The payload store behind an MLflow tracking server's artifact proxy (`--serve-artifacts`)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        raise ValueError(f"the payload store needs an MLflow tracking server (http[s]://...), got {tracking_uri!r}")
+    return f"{tracking_uri.rstrip('/')}/api/2.0/mlflow-artifacts/artifacts/payloads"
