@@ -15,10 +15,11 @@ from mlops_assets.defs.models import assets as models
 from mlops_assets.defs.monitoring import assets as monitoring
 from mlops_assets.defs.platform import assets as platform
 from mlops_assets.defs.serving import assets as serving
+from mlops_assets.defs.serving import checks as serving_checks
 
 #: Unbound definitions, for tests that supply their own resources.
 ALL_ASSETS = [*platform.defs.assets, *models.defs.assets, *serving.defs.assets, *monitoring.defs.assets]
-ALL_CHECKS = [*platform.defs.asset_checks, *serving.defs.asset_checks, *monitoring.defs.asset_checks]
+ALL_CHECKS = [*platform.defs.asset_checks, *serving_checks.defs.asset_checks, *monitoring.defs.asset_checks]
 
 
 def build_definitions() -> dg.Definitions:

@@ -124,7 +124,7 @@ class LockedSqliteEventLogStorage(SqliteEventLogStorage):
     """Dagster's SQLite event log, setting up each database under the instance's schema lock: it
     creates each run's database (and its index) lazily, in whichever process touches it first (the
     run worker writing events, the CLI or the webserver reading them), and dagster's own retries for
-    that race give up after about 2 s."""
+    that race give up too soon when several processes start at once."""
 
     def __init__(self, base_dir: str, inst_data: ConfigurableClassData | None = None, lock_dir: str | None = None) -> None:
         self._lock_dir = lock_dir or base_dir  # before super().__init__, which creates the index database

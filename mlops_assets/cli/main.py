@@ -59,7 +59,7 @@ WATCHED_DAEMONS = ("QUEUED_RUN_COORDINATOR", "SENSOR")
 #: evaluation can hold an iteration for up to its 60 s gRPC timeout on a loaded box: 30 + 60 s, and
 #: 30 s of slack, before a silent daemon counts as stuck. A daemon that dies is caught at once, by its exit.
 HEARTBEAT_STALE_S = 120.0
-#: Starting measured 5-15 s on a loaded 2-core box (imports, the instance, the daemon threads).
+#: Generous: on a loaded box the daemon's start (imports, the instance, its threads) can take many seconds.
 DAEMON_READY_TIMEOUT_S = 120.0
 #: Heartbeats change every 30 s: reading them every 2 s is enough; the process is checked at every call.
 HEARTBEAT_READ_INTERVAL_S = 2.0

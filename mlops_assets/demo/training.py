@@ -39,7 +39,7 @@ class Fault:
 
 
 def _pip_requirements() -> list[str]:
-    # Naming requirements explicitly saves MLflow ~3 s of guessing per logged model.
+    # Naming requirements explicitly spares MLflow inferring them (it imports the model's code to guess).
     from importlib.metadata import version
 
     return [f"{pkg}=={version(pkg)}" for pkg in ("mlflow", "scikit-learn", "pandas", "numpy", "cloudpickle")]

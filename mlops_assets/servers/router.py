@@ -7,8 +7,8 @@ latency per revision on `/metrics`: KServe's model server has no count by status
 come from here. Tag routes reach one revision whatever the split: a `Host` starting `latest-` or
 `prev-` (KServe's tag hostnames), the header `x-mlops-tag`, or a path prefix `/latest/`, `/prev/`.
 Upstream requests go through a small keep-alive HTTP/1.1 pool parsed with httptools (the parser
-uvicorn uses) rather than aiohttp's `ClientSession`: measured in `bench/router_overhead.py`, that
-halves the router's added p50 latency (about 1.1 ms to 0.7 ms) on these 2-core machines.
+uvicorn uses) rather than aiohttp's `ClientSession`, which adds noticeably more latency per request
+(`bench/router_overhead.py`; figures in `bench/RESULTS.md`).
 The platform pushes a new routing table with `POST /-/routes`; on restart the router reads the
 table from its file, so a routing change is never lost with a process. A table (pushed or read at
 start) is validated whole before anything changes: revision names, `http://host:port[/prefix]`
