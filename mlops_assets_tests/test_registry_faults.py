@@ -265,10 +265,10 @@ def test_every_fault_is_registry_unavailable_never_not_found(name, registered, t
             assert any(p.startswith("/api/2.0/mlflow/") for p in server.paths), server.paths
 
 
-def test_a_search_against_a_404_server_raises_instead_of_finding_nothing():
+def test_listing_versions_against_a_404_server_raises_instead_of_finding_nothing():
     with http_fault("404 html") as (registry, _, _server):
-        with pytest.raises(RegistryUnavailableError, match="HTTP 404 for /api/2.0/mlflow/registered-models/search"):
-            registry.model_names()
+        with pytest.raises(RegistryUnavailableError, match="HTTP 404 for /api/2.0/mlflow/registered-models/get"):
+            registry.versions(MODEL)
 
 
 def test_a_corrupt_database_keeps_sqlalchemys_error_as_the_cause_only(registered, tmp_path):

@@ -301,10 +301,6 @@ class MlflowRegistry(EngineConfig):
         location = Path(self.artifact_root, name).as_uri()
         return self._call(f"create experiment {name!r}", client.create_experiment, name, artifact_location=location)
 
-    def model_names(self) -> list[str]:
-        client = self.client()
-        return sorted(m.name for m in self._call("list registered models", client.search_registered_models))
-
     def get_version(self, name: str, version: str | int) -> VersionInfo:
         """One registered version; `ModelNotFoundError` names the model's known versions if absent."""
         validate_model_name(name)
