@@ -27,9 +27,11 @@ from mlops_assets.demo.traffic import TrafficGenerator
 from mlops_assets.demo.training import Fault, train_and_register
 from mlops_assets_tests.conftest import processes_under
 
-pytestmark = pytest.mark.skipif(
-    services.prometheus_binary() is None, reason="prometheus not installed (Debian package `prometheus`)"
-)
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.latency,
+    pytest.mark.skipif(services.prometheus_binary() is None, reason="prometheus not installed (Debian package `prometheus`)"),
+]
 
 
 @pytest.fixture(scope="module")

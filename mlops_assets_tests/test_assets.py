@@ -17,6 +17,8 @@ from mlops_assets.defs.resources import build_resources
 from mlops_assets.defs.serving.assets import ROLLOUT_TAG
 from mlops_assets_tests.conftest import processes_under
 
+pytestmark = [pytest.mark.e2e, pytest.mark.latency]
+
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):

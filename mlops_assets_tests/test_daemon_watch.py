@@ -28,6 +28,8 @@ import pytest
 
 from mlops_assets.core.processes import free_port
 
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parents[1]
 CLI = str(Path(sys.executable).with_name("mlops-assets"))
 

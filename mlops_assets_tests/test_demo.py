@@ -13,9 +13,12 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from mlops_assets.core.processes import free_port
 from mlops_assets_tests.conftest import processes_under
+
+pytestmark = pytest.mark.e2e
 
 
 def test_demo_runs_the_lifecycle_through_the_daemon_and_cleans_up(tmp_path, monkeypatch):

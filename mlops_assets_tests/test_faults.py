@@ -17,6 +17,8 @@ import pytest
 from mlops_assets.core.serving.metrics import MetricsUnavailableError, ScrapeMetrics
 from mlops_assets_tests import fault_scenarios as fs
 
+pytestmark = [pytest.mark.e2e, pytest.mark.latency]
+
 
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory):

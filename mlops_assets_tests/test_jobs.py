@@ -91,6 +91,7 @@ def test_a_rollout_tag_naming_no_action_fails_clearly(champion_only):
     assert "names no rollout" in _failure_messages(result) and platform.list_services() == []
 
 
+@pytest.mark.e2e
 def test_dagster_job_launch_of_canary_without_config_fails_asking_for_the_version(champion_only, tmp_path):
     """The CLI path a user takes: `dagster job launch -w workspace.yaml -j canary_rollout_job`. The
     project's instance (storage included) with dagster's DefaultRunCoordinator for its queued one, so the run starts at

@@ -21,6 +21,8 @@ from mlops_assets.core.serving.platform import LocalPlatform, RolloutStateError,
 from mlops_assets_tests.conftest import ISVC, MODEL, processes_under
 from mlops_assets_tests.helpers import fire, valid_body
 
+pytestmark = [pytest.mark.e2e, pytest.mark.latency]
+
 
 def manifest_for(version, canary: int | None = None, storage_uri: str | None = None) -> dict:
     return build_inference_service(

@@ -27,6 +27,8 @@ from mlops_assets.core.serving.payloads import v1_payload, v2_payload
 from mlops_assets.core.serving.wire import store_for
 from mlops_assets.demo.data import FEATURES, generate_fraud_data
 
+pytestmark = pytest.mark.e2e
+
 ISVC = "fraud-detector"
 
 

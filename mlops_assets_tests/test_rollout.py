@@ -23,6 +23,8 @@ from mlops_assets.core.serving.metrics import PrometheusMetrics, ScrapeMetrics
 from mlops_assets.demo.traffic import TrafficGenerator
 from mlops_assets_tests.helpers import valid_body
 
+pytestmark = [pytest.mark.e2e, pytest.mark.latency]
+
 MODEL = "fraud_rollout"
 ISVC = "fraud-rollout"
 FAST = Thresholds(max_error_rate=0.05, steps=(20, 50), min_requests_per_step=40, no_data_deadline_s=6.0)

@@ -2,11 +2,11 @@
 # Install the project with its test extras into .venv (pinned by constraints.txt), install the
 # services the tests use where this machine allows (Debian's prometheus, as root), lint, run pytest.
 #
-# With arguments, they go to one pytest run (e.g. `./scripts/test.sh -k router`). Without, the whole
-# suite runs in two lanes so that 2 cores stay busy: the end-to-end demo test (mostly waiting on the
-# daemon, sensors and alerts, and built to pass on a busy box) runs beside the tests that compute or
-# talk to stand-ins without judging latency; then the tests that judge real traffic against latency
-# SLOs (rollouts, faults, the local platform) run alone. Every lane must pass.
+# With arguments, they go to one pytest run (e.g. `./scripts/test.sh -k router`; the fast tier is
+# `./scripts/test.sh -m "not e2e"`). Without, the whole suite runs in lanes so that 2 cores stay busy:
+# the end-to-end demo test (mostly waiting on the daemon, sensors and alerts, and built to pass on a
+# busy box) runs beside every test not marked `latency`; then the tests marked `latency`, which judge
+# real traffic against latency SLOs (rollouts, faults, the local platform), run alone. Every lane must pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
@@ -24,32 +24,19 @@ if [ $# -gt 0 ]; then
 fi
 
 T=mlops_assets_tests
-# Beside the demo: no latency SLOs, no rollout decisions on real traffic.
-BESIDE_DEMO=(
-  $T/test_ab.py $T/test_alert_rules.py $T/test_analysis.py $T/test_cluster_metrics.py $T/test_cluster_platform.py
-  $T/test_daemon_watch.py $T/test_definitions.py $T/test_drift.py $T/test_drift_asset.py $T/test_k8s_manifests.py
-  $T/test_kubernetes_platform.py $T/test_manifest.py $T/test_metrics.py $T/test_payload_sink.py $T/test_processes.py
-  $T/test_registry.py $T/test_registry_faults.py $T/test_router_faults.py $T/test_sensor.py $T/test_settings.py
-  $T/test_storage_uri.py
-)
-ALONE=()
-for f in $T/test_*.py; do
-  case " ${BESIDE_DEMO[*]} $T/test_demo.py " in *" $f "*) ;; *) ALONE+=("$f") ;; esac
-done
-
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 set +e
 .venv/bin/python -m pytest -p no:cacheprovider --basetemp="$out/demo" --junitxml="$out/demo.xml" $T/test_demo.py >"$out/demo.log" 2>&1 &
 demo=$!
-.venv/bin/python -m pytest -p no:cacheprovider --basetemp="$out/beside" --junitxml="$out/beside.xml" "${BESIDE_DEMO[@]}"
+.venv/bin/python -m pytest -p no:cacheprovider --basetemp="$out/beside" --junitxml="$out/beside.xml" -m "not latency" --ignore=$T/test_demo.py $T
 rc_beside=$?
 wait $demo
 rc_demo=$?
 echo "---- lane: the end-to-end demo (ran beside the tests above) ----"
 cat "$out/demo.log"
 echo "---- lane: tests that judge real traffic against latency SLOs, alone ----"
-.venv/bin/python -m pytest -p no:cacheprovider --basetemp="$out/alone" --junitxml="$out/alone.xml" "${ALONE[@]}"
+.venv/bin/python -m pytest -p no:cacheprovider --basetemp="$out/alone" --junitxml="$out/alone.xml" -m latency $T
 rc_alone=$?
 set -e
 # One closing line for the whole suite.
