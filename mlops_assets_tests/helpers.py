@@ -40,8 +40,8 @@ def fire(url: str, n: int, body: bytes | None = None, headers_for=None, concurre
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def dagster_cli(*args: str, env: dict) -> subprocess.CompletedProcess:
-    """Run the venv's `dagster` command from the project root, as a user would."""
+def project_cli(command: str, *args: str, env: dict) -> subprocess.CompletedProcess:
+    """Run one of the venv's commands (`dagster`, `dg`) from the project root, as a user would."""
     return subprocess.run(
-        [str(Path(sys.executable).with_name("dagster")), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
+        [str(Path(sys.executable).with_name(command)), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from mlops_assets_tests.helpers import dagster_cli
+from mlops_assets_tests.helpers import project_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def test_dagster_cli_validates_the_workspace(tmp_path):
     (tmp_path / "mlops").mkdir()
     (tmp_path / "dagster").mkdir()
     env = {**os.environ, "MLOPS_HOME": str(tmp_path / "mlops"), "DAGSTER_HOME": str(tmp_path / "dagster")}
-    out = dagster_cli("definitions", "validate", "-w", "workspace.yaml", env=env)
+    out = project_cli("dagster", "definitions", "validate", "-w", "workspace.yaml", env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     assert not list((tmp_path / "mlops").iterdir()), "loading the definitions must not write into MLOPS_HOME"
 

@@ -22,7 +22,7 @@ from mlops_assets.defs.resources import build_resources
 from mlops_assets.defs.serving.assets import ACTIONS, ROLLBACK, ROLLOUT_TAG
 from mlops_assets.defs.serving.jobs import JOB_FOR_STRATEGY, rollback_job, rollout_jobs
 from mlops_assets.demo.training import train_and_register
-from mlops_assets_tests.helpers import dagster_cli
+from mlops_assets_tests.helpers import project_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "fraud_detector"
@@ -91,39 +91,49 @@ def test_a_rollout_tag_naming_no_action_fails_clearly(champion_only):
     assert "names no rollout" in _failure_messages(result) and platform.list_services() == []
 
 
-@pytest.mark.e2e
-def test_dagster_job_launch_of_canary_without_config_fails_asking_for_the_version(champion_only, tmp_path):
-    """The CLI path a user takes: `dagster job launch -w workspace.yaml -j canary_rollout_job`. The
-    project's instance (storage included) with dagster's DefaultRunCoordinator for its queued one, so the run starts at
-    once in its own process instead of waiting for a daemon."""
+def _instance_env(tmp_path: Path) -> dict:
+    """The project's instance (storage included) in a fresh DAGSTER_HOME, with dagster's
+    DefaultRunCoordinator for its queued one, so a launched run starts at once in its own process
+    instead of waiting for a daemon."""
     dagster_home = tmp_path / "dagster"
     dagster_home.mkdir()
     instance_yaml = yaml.safe_load((ROOT / "dagster.yaml").read_text())
     instance_yaml["run_coordinator"] = {"module": "dagster._core.run_coordinator", "class": "DefaultRunCoordinator"}
     (dagster_home / "dagster.yaml").write_text(yaml.safe_dump(instance_yaml))
-    env = {**os.environ, "MLOPS_HOME": str(tmp_path / "mlops"), "DAGSTER_HOME": str(dagster_home)}
-    out = dagster_cli("job", "launch", "-w", "workspace.yaml", "-j", "canary_rollout_job", env=env)
+    return {**os.environ, "MLOPS_HOME": str(tmp_path / "mlops"), "DAGSTER_HOME": str(dagster_home)}
+
+
+@pytest.mark.e2e
+def test_dagster_job_launch_of_canary_without_config_fails_asking_for_the_version(champion_only, tmp_path, monkeypatch):
+    """The CLI path a user takes: `dagster job launch -w workspace.yaml -j canary_rollout_job`."""
+    env = _instance_env(tmp_path)
+    out = project_cli("dagster", "job", "launch", "-w", "workspace.yaml", "-j", "canary_rollout_job", env=env)
     assert out.returncode == 0, out.stdout + out.stderr
-    os.environ["DAGSTER_HOME"], saved = str(dagster_home), os.environ.get("DAGSTER_HOME")
-    try:
-        with dg.DagsterInstance.get() as instance:
-            deadline = time.monotonic() + 150
-            while True:
-                (run,) = instance.get_runs()
-                if run.is_finished or time.monotonic() > deadline:
-                    break
-                time.sleep(0.5)
-            assert run.status == dg.DagsterRunStatus.FAILURE, run.status
-            assert run.tags[ROLLOUT_TAG] == "canary"
-            failures = [
-                str(e.dagster_event.event_specific_data.error.message)
-                for e in instance.all_logs(run.run_id)
-                if e.dagster_event is not None and e.dagster_event.event_type_value == "STEP_FAILURE"
-            ]
-    finally:
-        if saved is None:
-            os.environ.pop("DAGSTER_HOME")
-        else:
-            os.environ["DAGSTER_HOME"] = saved
+    monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
+    with dg.DagsterInstance.get() as instance:
+        deadline = time.monotonic() + 150
+        while True:
+            (run,) = instance.get_runs()
+            if run.is_finished or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert run.status == dg.DagsterRunStatus.FAILURE, run.status
+        assert run.tags[ROLLOUT_TAG] == "canary"
+        failures = [
+            str(e.dagster_event.event_specific_data.error.message)
+            for e in instance.all_logs(run.run_id)
+            if e.dagster_event is not None and e.dagster_event.event_type_value == "STEP_FAILURE"
+        ]
     assert any("which version?" in f for f in failures), failures
+    assert LocalPlatform(home=str(tmp_path / "mlops"), supervise=False).list_services() == []
+
+
+@pytest.mark.e2e
+def test_dg_launch_of_canary_without_config_fails_asking_for_the_version(champion_only, tmp_path):
+    """`dg launch --job canary_rollout_job`: dg finds the code location through `[tool.dg]` in
+    pyproject.toml and runs the job on the instance in DAGSTER_HOME."""
+    env = _instance_env(tmp_path)
+    out = project_cli("dg", "launch", "--job", "canary_rollout_job", env=env)
+    assert out.returncode != 0
+    assert "canary rollout of fraud_detector: which version?" in out.stdout + out.stderr
     assert LocalPlatform(home=str(tmp_path / "mlops"), supervise=False).list_services() == []
