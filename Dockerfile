@@ -21,7 +21,9 @@ COPY pyproject.toml constraints.txt README.md ./
 COPY mlops_assets ./mlops_assets
 # The manifests the platform/* assets reconcile on the cluster (MLOPS_K8S_MANIFESTS).
 COPY k8s ./k8s
-RUN pip install -c constraints.txt . \
+# Editable, so the installed package stays beside this pyproject.toml: the code location loads its
+# defs/ folder through `[tool.dg]` (load_from_defs_folder), in the code server and in run pods alike.
+RUN pip install -c constraints.txt -e . \
     && useradd --uid 10001 --user-group --no-create-home --home-dir /tmp dagster
 
 USER 10001:10001

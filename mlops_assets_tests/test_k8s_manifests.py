@@ -1604,7 +1604,8 @@ def test_user_code_image_installs_at_build_time_and_runs_unprivileged():
     steps = _dockerfile(ROOT / "Dockerfile")
     assert steps[0] == ("FROM", "python:3.11-slim")
     runs = [args for op, args in steps if op == "RUN"]
-    assert any(re.search(r"pip install -c constraints.txt \.(\s|$)", r) for r in runs)
+    # Editable: load_from_defs_folder finds the defs folder through [tool.dg] in the pyproject.toml beside it.
+    assert any(re.search(r"pip install -c constraints.txt -e \.(\s|$)", r) for r in runs)
     (user,) = [args for op, args in steps if op == "USER"]
     assert user.split(":")[0] not in ("0", "root")
     assert [i for i, (op, _) in enumerate(steps) if op == "USER"][0] > max(i for i, (op, _) in enumerate(steps) if op == "RUN")
