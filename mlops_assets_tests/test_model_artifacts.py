@@ -5,7 +5,9 @@ mocks, nothing from the demo): a scikit-learn regressor pipeline (numeric, boole
 logged with signature, input example, a training dataset (`mlflow.log_input`) and installed pip
 requirements; a custom `mlflow.pyfunc.PythonModel` logged with none of them and a requirement that is
 not installed; and one whose training data is only the run artifact `reference/training_data.parquet`
-(its logged dataset has no loadable source) and whose input example is a dict of columns. Covered:
+(its logged dataset has no loadable source) and whose input example is a dict of columns; and one
+whose input example is a numpy array (MLflow infers a tensor signature, which names no columns). The
+conversion of every input example format MLflow writes into a table is checked on its own. Covered:
 what each of `input_example`, `input_schema`, `training_data` and `missing_requirements` returns, the
 `ModelArtifactMissingError` naming the MLflow call that logs what is missing, and that a dead tracking
 server is `RegistryUnavailableError`, never "missing".
@@ -253,6 +255,51 @@ def test_a_training_dataset_whose_file_is_gone_falls_through_and_is_named(store,
         assert "could not be read: dataset 'dataset' (loading its local source failed" in str(raised.value)
     finally:
         moved.rename(source)
+
+
+@pytest.fixture(scope="module")
+def tensor_model(store) -> Logged:
+    """A pyfunc logged with a numpy array as input example: MLflow infers a tensor signature."""
+    import mlflow.pyfunc
+
+    class Classifier(ConstantClassifier, mlflow.pyfunc.PythonModel):
+        pass
+
+    example = np.array([[1.0, 2.0], [3.0, 4.0]])
+    version = register(store, "tensor_classifier", Classifier(), flavor="pyfunc", example=example, pip_requirements=["numpy"])
+    return Logged(version, example=pd.DataFrame(example))
+
+
+def test_an_array_example_is_a_table_but_a_tensor_signature_names_no_columns(store, tensor_model):
+    pd.testing.assert_frame_equal(input_example(store, tensor_model.version), tensor_model.example)
+    with pytest.raises(ModelArtifactMissingError, match="has no column-based signature: .*tensors"):
+        input_schema(store, tensor_model.version)
+
+
+@pytest.mark.parametrize(
+    "example, expected",
+    [
+        ({"a": [1, 2], "c": ["x", "y"]}, pd.DataFrame({"a": [1, 2], "c": ["x", "y"]})),
+        ({"a": 1, "c": "x"}, pd.DataFrame({"a": [1], "c": ["x"]})),
+        ([{"a": 1, "c": "x"}, {"a": 2, "c": "y"}], pd.DataFrame({"a": [1, 2], "c": ["x", "y"]})),
+        ({"dataframe_split": {"columns": ["a", "c"], "data": [[1, "x"]]}}, pd.DataFrame({"a": [1], "c": ["x"]})),
+        ({"dataframe_records": [{"a": 1, "c": "x"}]}, pd.DataFrame({"a": [1], "c": ["x"]})),
+        # A column that happens to be called like a payload key is a column.
+        ({"inputs": [1, 2], "c": ["x", "y"]}, pd.DataFrame({"inputs": [1, 2], "c": ["x", "y"]})),
+        (np.array([1.0, 2.0]), pd.DataFrame([[1.0, 2.0]], columns=["a", "c"])),
+        ({"a": {"nested": 1}}, None),
+        (np.zeros((2, 2, 2)), None),
+    ],
+    ids=["columns", "one row", "records", "dataframe_split", "dataframe_records", "inputs column", "1-d array", "nested", "3-d"],
+)
+def test_each_input_example_format_mlflow_writes_becomes_a_table(example, expected):
+    from mlops_assets.core.model_artifacts import _as_frame
+
+    frame = _as_frame(example, ["a", "c"])
+    if expected is None:
+        assert frame is None
+    else:
+        pd.testing.assert_frame_equal(frame, expected)
 
 
 def closed_port() -> int:

@@ -155,9 +155,12 @@ def input_example(registry: MlflowRegistry, model: VersionInfo | str, version: s
     names = _signature_names(mlmodel.signature)
     frame = _as_frame(example, names)
     if frame is None:
-        raise RegistryError(
-            f"{info.name} v{info.version}: its input example (MLflow type {example_info.get('type')!r}) is not a table "
-            "the platform can send; log a pandas DataFrame (or a dict of columns) as input_example"
+        raise ModelArtifactMissingError(
+            info,
+            "tabular input example",
+            _LOG_INPUT_EXAMPLE + " with a pandas DataFrame (or a dict of columns)",
+            "the platform sends it to validate each new revision",
+            f"Its input example is of MLflow type {example_info.get('type')!r}, which is not a table",
         )
     return frame
 
@@ -178,12 +181,12 @@ def _as_frame(example: Any, names: list[str]) -> pd.DataFrame | None:
         return example.reset_index(drop=True)
     if isinstance(example, dict):
         # A serving payload (what `serving_input_example.json` holds) saved as the example itself.
-        if "dataframe_split" in example:
-            split = example["dataframe_split"]
-            return pd.DataFrame(split.get("data", []), columns=split.get("columns"))
-        for key in ("dataframe_records", "instances", "inputs"):
-            if key in example:
-                return _as_frame(example[key], names)
+        if len(example) == 1:
+            key, value = next(iter(example.items()))
+            if key == "dataframe_split" and isinstance(value, dict):
+                return pd.DataFrame(value.get("data", []), columns=value.get("columns"))
+            if key in ("dataframe_records", "instances", "inputs"):
+                return _as_frame(value, names)
         if example and all(isinstance(v, (list, tuple, np.ndarray)) for v in example.values()):
             return pd.DataFrame(example)
         if example and not any(isinstance(v, (dict, list, tuple, np.ndarray)) for v in example.values()):
@@ -213,9 +216,10 @@ def input_schema(registry: MlflowRegistry, model: VersionInfo | str, version: st
     if inputs.is_tensor_spec() or not inputs.has_input_names():
         raise ModelArtifactMissingError(
             info,
-            "column-based signature (its signature has " + ("tensor inputs)" if inputs.is_tensor_spec() else "unnamed inputs)"),
+            "column-based signature",
             _LOG_SIGNATURE + " with X a pandas DataFrame",
             "the platform reads its input columns from it",
+            "Its signature's inputs are " + ("tensors" if inputs.is_tensor_spec() else "unnamed columns"),
         )
     names, numeric, categorical = [], [], []
     for spec in inputs.inputs:
