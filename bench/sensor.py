@@ -18,7 +18,9 @@ from pathlib import Path
 
 import dagster as dg
 
+from mlops_assets.core.declaration import ModelDeclaration
 from mlops_assets.core.registry import CHAMPION, MlflowRegistry
+from mlops_assets.defs.models.assets import DECLARATION_KEY
 from mlops_assets.defs.serving.sensors import mlflow_registry_sensor
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 5000
@@ -37,16 +39,25 @@ def main() -> None:
     print(f"created {N} versions in {time.perf_counter() - t0:.1f}s")
     registry.set_alias(MODEL, CHAMPION, str(N - 1))  # version N is pending
     ours, naive = [], []
+    # The code location as the sensor reads it: one declared model.
+    declaration = ModelDeclaration(name=MODEL)
+    spec = dg.AssetSpec(["models", MODEL], metadata={DECLARATION_KEY: declaration.model_dump(mode="json")})
+    repository = dg.Definitions(assets=[spec]).get_repository_def()
     with dg.instance_for_test() as instance:
         # Steady state: the cursor after a first tick (which also caches the model's tags).
         warm = dg.build_sensor_context(
-            instance=instance, cursor=json.dumps({MODEL: {"seen": N - 2, "challenger": None}}), resources={"mlflow": registry}
+            instance=instance,
+            cursor=json.dumps({MODEL: {"seen": N - 2, "challenger": None}}),
+            resources={"mlflow": registry},
+            repository_def=repository,
         )
         state = json.loads(mlflow_registry_sensor(warm).cursor)
         state[MODEL]["seen"] = N - 1
         cursor = json.dumps(state)
         for _ in range(30):
-            ctx = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"mlflow": registry})
+            ctx = dg.build_sensor_context(
+                instance=instance, cursor=cursor, resources={"mlflow": registry}, repository_def=repository
+            )
             t = time.perf_counter()
             result = mlflow_registry_sensor(ctx)
             ours.append((time.perf_counter() - t) * 1000)

@@ -1,8 +1,9 @@
 """The code location: everything under `defs/`, loaded the way `dg` projects are.
 
-`defs/` holds one folder per domain (platform, models, serving, monitoring) with its assets,
-checks, jobs and sensors, and `defs/resources.py`, the one place that picks implementations for
-the environment. The engine they call lives in `core/` and never imports Dagster.
+`defs/` holds one folder per domain (platform, models, serving, monitoring) with its jobs, sensors
+and asset factories, one `defs.yaml` per served model (`defs/models/<name>/`, an `MlflowModel`
+component) and `defs/resources.py`, the one place that picks implementations for the environment.
+The engine they call lives in `core/` and never imports Dagster.
 """
 
 from __future__ import annotations
@@ -10,26 +11,79 @@ from __future__ import annotations
 from pathlib import Path
 
 import dagster as dg
+import yaml
 
-from mlops_assets.defs.models import assets as models
-from mlops_assets.defs.monitoring import assets as monitoring
-from mlops_assets.defs.platform import assets as platform
-from mlops_assets.defs.serving import assets as serving
-from mlops_assets.defs.serving import checks as serving_checks
+DEFS_DIR = Path(__file__).parent / "defs"
+COMPONENT_TYPES = {"mlops_assets.components.MlflowModel", "mlops_assets.components.mlflow_model.MlflowModel"}
 
-#: Unbound definitions, for tests that supply their own resources.
-ALL_ASSETS = [*platform.defs.assets, *models.defs.assets, *serving.defs.assets, *monitoring.defs.assets]
-ALL_CHECKS = [*platform.defs.asset_checks, *serving_checks.defs.asset_checks, *monitoring.defs.asset_checks]
+
+def _node_at(node: yaml.Node, path: tuple) -> yaml.Node:
+    """The YAML node at `path` (mapping keys and sequence indexes), or the deepest one found."""
+    for step in path:
+        if isinstance(node, yaml.MappingNode):
+            found = [value for key, value in node.value if getattr(key, "value", None) == step]
+            if not found:
+                return node
+            node = found[0]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(step, int) and step < len(node.value):
+            node = node.value[step]
+        else:
+            return node
+    return node
+
+
+def check_declarations(defs_dir: Path = DEFS_DIR) -> None:
+    """Every model declaration is valid, and each registered model is declared once; otherwise fail
+    naming the file, the line and the field. Dagster's loader checks the YAML's shape with lines too,
+    but values it might still template (strings: a strategy, a name) only after, without a line; and
+    two declarations of one model would only show as a duplicated asset key."""
+    import pydantic
+
+    from mlops_assets.core.declaration import ModelDeclaration
+
+    seen: dict[str, str] = {}
+    for path in sorted(defs_dir.rglob("defs.yaml")):
+        text = path.read_text()
+        for node, document in zip(yaml.compose_all(text), yaml.safe_load_all(text), strict=True):
+            if not isinstance(document, dict) or document.get("type") not in COMPONENT_TYPES:
+                continue
+            attributes = document.get("attributes")
+            if not isinstance(attributes, dict) or "{{" in yaml.safe_dump(attributes):
+                continue  # the loader reports a missing mapping; templated values are checked once rendered
+            attributes_node = _node_at(node, ("attributes",))
+            try:
+                declaration = ModelDeclaration(**attributes)
+            except pydantic.ValidationError as exc:
+                error = exc.errors()[0]
+                field = ".".join(str(step) for step in error["loc"])
+                line = _node_at(attributes_node, error["loc"]).start_mark.line + 1
+                raise dg.DagsterInvalidDefinitionError(
+                    f"{path}:{line}: invalid model declaration, field attributes.{field}: {error['msg']}"
+                ) from None
+            where = f"{path}:{_node_at(attributes_node, ('name',)).start_mark.line + 1}"
+            if declaration.name in seen:
+                raise dg.DagsterInvalidDefinitionError(
+                    f"model {declaration.name!r} is declared twice: {seen[declaration.name]} and {where} "
+                    "(field attributes.name); keep one declaration per registered model"
+                )
+            seen[declaration.name] = where
 
 
 def build_definitions() -> dg.Definitions:
     """Everything under `defs/`, with the resources for the environment (settings read now)."""
+    check_declarations()
     return dg.Definitions.merge(
         dg.load_from_defs_folder(path_within_project=Path(__file__).parent),
         # One process per run, not per step: every step would otherwise pay the imports of
         # dagster, MLflow and pandas again; the steps here wait on I/O, not on CPU.
         dg.Definitions(executor=dg.in_process_executor),
     )
+
+
+def unbound_assets_and_checks() -> tuple[list, list]:
+    """Every asset and asset check of the code location, for tests that supply their own resources."""
+    loaded = build_definitions()
+    return list(loaded.assets or []), list(loaded.asset_checks or [])
 
 
 @dg.definitions

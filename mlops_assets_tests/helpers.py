@@ -9,8 +9,11 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import dagster as dg
 
+from mlops_assets.core.declaration import ModelDeclaration
 from mlops_assets.core.serving.payloads import v1_payload
+from mlops_assets.defs.models.assets import DECLARATION_KEY
 from mlops_assets.demo.data import FEATURES, generate_fraud_data
 
 
@@ -40,8 +43,18 @@ def fire(url: str, n: int, body: bytes | None = None, headers_for=None, concurre
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def project_cli(command: str, *args: str, env: dict) -> subprocess.CompletedProcess:
+def project_cli(command: str, *args: str, env: dict, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """Run one of the venv's commands (`dagster`, `dg`) from the project root, as a user would."""
     return subprocess.run(
-        [str(Path(sys.executable).with_name(command)), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
+        [str(Path(sys.executable).with_name(command)), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=180
     )
+
+
+#: The demo's declaration, as in defs/models/fraud_detector/defs.yaml.
+FRAUD = ModelDeclaration(name="fraud_detector", training="mlops_assets.demo.training:train_and_register")
+
+
+def declared(*declarations: ModelDeclaration) -> dg.RepositoryDefinition:
+    """A code location declaring these models, as the sensors read it (the declaration on `models/<name>`)."""
+    specs = [dg.AssetSpec(["models", d.name], metadata={DECLARATION_KEY: d.model_dump(mode="json")}) for d in declarations]
+    return dg.Definitions(assets=specs).get_repository_def()

@@ -19,13 +19,16 @@ from mlops_assets.core.registry import CHAMPION, MlflowRegistry
 from mlops_assets.core.serving.manifest import Deployment, build_inference_service
 from mlops_assets.core.serving.platform import LocalPlatform
 from mlops_assets.core.settings import load_settings
-from mlops_assets.definitions import ALL_ASSETS, ALL_CHECKS
+from mlops_assets.definitions import unbound_assets_and_checks
 from mlops_assets.defs.monitoring.sensors import prometheus_alert_sensor
 from mlops_assets.defs.resources import build_resources
 from mlops_assets.demo.data import FEATURES
 from mlops_assets.demo.traffic import TrafficGenerator
 from mlops_assets.demo.training import Fault, train_and_register
 from mlops_assets_tests.conftest import processes_under
+from mlops_assets_tests.helpers import FRAUD, declared
+
+ALL_ASSETS, ALL_CHECKS = unbound_assets_and_checks()
 
 pytestmark = [
     pytest.mark.e2e,
@@ -46,7 +49,9 @@ def home(tmp_path_factory):
 
 def _tick(alerts, platform):
     with dg.instance_for_test() as instance:
-        ctx = dg.build_sensor_context(instance=instance, resources={"prometheus_alerts": alerts, "serving": platform})
+        ctx = dg.build_sensor_context(
+            instance=instance, resources={"prometheus_alerts": alerts, "serving": platform}, repository_def=declared(FRAUD)
+        )
         return prometheus_alert_sensor(ctx)
 
 

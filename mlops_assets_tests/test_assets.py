@@ -12,10 +12,12 @@ from mlops_assets.core.platform import services
 from mlops_assets.core.processes import free_port
 from mlops_assets.core.serving.platform import LocalPlatform, http_json
 from mlops_assets.core.settings import load_settings
-from mlops_assets.definitions import ALL_ASSETS, ALL_CHECKS
+from mlops_assets.definitions import unbound_assets_and_checks
 from mlops_assets.defs.resources import build_resources
 from mlops_assets.defs.serving.assets import ROLLOUT_TAG
 from mlops_assets_tests.conftest import processes_under
+
+ALL_ASSETS, ALL_CHECKS = unbound_assets_and_checks()
 
 pytestmark = [pytest.mark.e2e, pytest.mark.latency]
 

@@ -15,11 +15,13 @@ from mlops_assets.core.registry import CHAMPION
 from mlops_assets.core.serving.manifest import Deployment, build_inference_service
 from mlops_assets.core.serving.platform import LocalPlatform
 from mlops_assets.core.settings import load_settings
-from mlops_assets.definitions import ALL_ASSETS, ALL_CHECKS
+from mlops_assets.definitions import unbound_assets_and_checks
 from mlops_assets.defs.resources import build_resources
 from mlops_assets.demo.traffic import TrafficGenerator
 from mlops_assets.demo.training import train_and_register
 from mlops_assets_tests.conftest import processes_under
+
+ALL_ASSETS, ALL_CHECKS = unbound_assets_and_checks()
 
 
 @pytest.fixture(scope="module")

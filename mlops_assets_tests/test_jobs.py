@@ -17,12 +17,14 @@ from mlops_assets.core.registry import CHAMPION, MlflowRegistry
 from mlops_assets.core.rollout.policy import Strategy
 from mlops_assets.core.serving.platform import LocalPlatform
 from mlops_assets.core.settings import load_settings
-from mlops_assets.definitions import ALL_ASSETS, ALL_CHECKS
+from mlops_assets.definitions import unbound_assets_and_checks
 from mlops_assets.defs.resources import build_resources
 from mlops_assets.defs.serving.assets import ACTIONS, ROLLBACK, ROLLOUT_TAG
 from mlops_assets.defs.serving.jobs import JOB_FOR_STRATEGY, rollback_job, rollout_jobs
 from mlops_assets.demo.training import train_and_register
 from mlops_assets_tests.helpers import project_cli
+
+ALL_ASSETS, ALL_CHECKS = unbound_assets_and_checks()
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "fraud_detector"

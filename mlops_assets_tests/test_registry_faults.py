@@ -39,6 +39,7 @@ from mlops_assets.core.registry import (
 )
 from mlops_assets.defs.serving.sensors import mlflow_registry_sensor
 from mlops_assets.demo.training import train_and_register
+from mlops_assets_tests.helpers import FRAUD, declared
 
 MODEL = "fraud_detector"
 
@@ -86,7 +87,9 @@ def registered(tmp_path_factory, instance) -> Registered:
 
 def tick(instance: dg.DagsterInstance, registry: MlflowRegistry, cursor: str | None = None):
     """One evaluation as the daemon runs it: what the tick records, including the cursor it keeps."""
-    context = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"mlflow": registry})
+    context = dg.build_sensor_context(
+        instance=instance, cursor=cursor, resources={"mlflow": registry}, repository_def=declared(FRAUD)
+    )
     return mlflow_registry_sensor.evaluate_tick(context)
 
 

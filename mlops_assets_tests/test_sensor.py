@@ -11,6 +11,7 @@ import pytest
 from mlops_assets.core.registry import CHALLENGER, CHAMPION, MlflowRegistry
 from mlops_assets.defs.serving.sensors import mlflow_registry_sensor
 from mlops_assets.demo.training import train_and_register
+from mlops_assets_tests.helpers import FRAUD, declared
 
 MODEL = "fraud_detector"
 
@@ -25,7 +26,9 @@ def registry(tmp_path) -> MlflowRegistry:
 
 def _tick(registry, cursor=None):
     with dg.instance_for_test() as instance:
-        context = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"mlflow": registry})
+        context = dg.build_sensor_context(
+            instance=instance, cursor=cursor, resources={"mlflow": registry}, repository_def=declared(FRAUD)
+        )
         return mlflow_registry_sensor(context)
 
 

@@ -16,7 +16,7 @@ if ! command -v prometheus >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v a
   echo "installing Debian's prometheus (tests that need it skip, with the reason, where it cannot be had)"
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null) || echo "prometheus could not be installed"
 fi
-.venv/bin/ruff check mlops_assets mlops_assets_tests bench
+.venv/bin/ruff check mlops_assets mlops_assets_tests bench examples
 # The import contracts in pyproject.toml: one direction of imports, no Dagster in the engine.
 .venv/bin/lint-imports --no-cache
 if [ $# -gt 0 ]; then

@@ -23,12 +23,13 @@ STRATEGY_TAG = "rollout_strategy"
 DEFAULT_STRATEGY = Strategy.CANARY
 
 
-def strategy_from_tag(tag: str | None) -> Strategy:
-    """The strategy a registry tag asks for; canary when the tag is absent or names none."""
+def strategy_from_tag(tag: str | None, default: Strategy = DEFAULT_STRATEGY) -> Strategy:
+    """The strategy a registry tag asks for; `default` (the model's declared one) when the tag is
+    absent or names none."""
     try:
-        return Strategy(tag) if tag else DEFAULT_STRATEGY
+        return Strategy(tag) if tag else default
     except ValueError:
-        return DEFAULT_STRATEGY
+        return default
 
 
 class RolloutPolicy(EngineConfig):

@@ -1,24 +1,74 @@
-"""`models/<name>`: a registered model in MLflow, trained and registered by materializing it."""
+"""`models/<name>` and `models/<name>_champion`: a declared model's registry state and its promotion gate.
+
+Each declared model (`defs/models/<name>/defs.yaml`, the `MlflowModel` component) gets both. With a
+training function in its declaration, materializing `models/<name>` trains and registers a version;
+without one (a model trained in a notebook or another pipeline and registered in MLflow), it records
+the registry's state: versions, aliases, metrics, lineage. A declared model with no version yet shows
+as "not registered yet", not as a failure.
+"""
+
+import importlib
+import inspect
+import typing
+from typing import Any
 
 import dagster as dg
-from pydantic import Field
+import pydantic
 
+from mlops_assets.core.declaration import ModelDeclaration
 from mlops_assets.core.kube import run_pod_tags
-from mlops_assets.core.registry import CHALLENGER, CHAMPION, MlflowRegistry, UnknownModelError
-from mlops_assets.core.serving.manifest import isvc_name_for
+from mlops_assets.core.registry import CHALLENGER, CHAMPION, MlflowRegistry, ModelNotFoundError
 from mlops_assets.core.serving.platform import ServingPlatform
 
 GROUP = "models"
-#: The demo model family: every name gets a `models/<name>` and a `serving/<name>` asset.
-MODEL_NAMES = ["fraud_detector"]
+#: Asset tag that says what an asset is to a model (model, champion, serving, drift): jobs select by it.
+ROLE_TAG = "mlops-assets/role"
+#: Definition metadata of `models/<name>` holding the model's declaration (read by the sensors).
+DECLARATION_KEY = "mlops-assets/declaration"
+#: Parameters a training function receives from the platform, not from run config.
+_PLATFORM_PARAMS = {"registry", "model_name", "recent", "triggered_by"}
+_CONFIG_TYPES = (int, float, str, bool)
 
 
-class TrainingConfig(dg.Config):
-    n_rows: int = Field(default=20_000, ge=100, le=5_000_000, description="rows of generated data")
-    seed: int = Field(default=0, description="data seed")
-    shift: float = Field(default=0.0, ge=-3.0, le=3.0, description="distribution shift in standard deviations")
-    recent_data: bool = Field(default=False, description="retrain on the recent traffic the serving path logged")
-    triggered_by: str = ""
+def declared_models(repository: dg.RepositoryDefinition) -> dict[str, ModelDeclaration]:
+    """Every model declared in the code location, by name (read from `models/<name>`'s metadata)."""
+    found = {}
+    for assets_def in repository.assets_defs_by_key.values():
+        for spec in assets_def.specs:
+            raw = spec.metadata.get(DECLARATION_KEY)
+            if raw is not None:
+                declaration = ModelDeclaration(**getattr(raw, "value", raw))
+                found[declaration.name] = declaration
+    return found
+
+
+def training_function(path: str):
+    """The declared `module:function` that trains and registers a version."""
+    module_name, _, attr = path.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise dg.DagsterInvalidDefinitionError(f"training function {path!r} cannot be imported: {exc}") from exc
+
+
+def training_config_class(declaration: ModelDeclaration) -> type[dg.Config]:
+    """Run config of `models/<name>`: the training function's own keyword parameters (typed, with
+    their defaults, so a bad value is refused before the run starts), plus `recent_data`."""
+    fields: dict[str, Any] = {
+        "recent_data": (bool, pydantic.Field(default=False, description="retrain on the recent traffic the serving path logged")),
+        "triggered_by": (str, ""),
+    }
+    if declaration.training:
+        fn = training_function(declaration.training)
+        hints = typing.get_type_hints(fn)
+        for param in inspect.signature(fn).parameters.values():
+            kind_ok = param.kind in (param.KEYWORD_ONLY, param.POSITIONAL_OR_KEYWORD)
+            if param.name in _PLATFORM_PARAMS or not kind_ok or param.default is param.empty:
+                continue
+            if hints.get(param.name) in _CONFIG_TYPES:
+                fields[param.name] = (hints[param.name], param.default)
+    name = "".join(part.title() for part in declaration.name.split("_")) + "TrainingConfig"
+    return pydantic.create_model(name, __base__=dg.Config, **fields)
 
 
 def _versions_table(versions) -> str:
@@ -29,53 +79,58 @@ def _versions_table(versions) -> str:
     return "\n".join(lines)
 
 
-def build_model_asset(model_name: str) -> dg.AssetsDefinition:
+def build_model_asset(declaration: ModelDeclaration) -> dg.AssetsDefinition:
+    model_name = declaration.name
+    config_class = training_config_class(declaration)
+    trains = declaration.training is not None
+
     @dg.asset(
         name=model_name,
         key_prefix=["models"],
         group_name=GROUP,
         deps=[dg.AssetKey(["platform", "mlflow_backend_store"]), dg.AssetKey(["platform", "artifact_store"])],
-        kinds={"mlflow", "scikitlearn"},
+        kinds={"mlflow"},
+        tags={ROLE_TAG: "model"},
+        metadata={DECLARATION_KEY: declaration.model_dump(mode="json")},
+        description=(
+            f"Registered model `{model_name}` in MLflow. "
+            + (
+                f"Materializing trains it with `{declaration.training}` (or, with `recent_data`, on the recent "
+                "traffic the serving path logged) and registers a version: the first becomes `champion`, later "
+                "ones `challenger` (a rollout promotes them)."
+                if trains
+                else "Trained outside the platform: materializing records the registry's state (versions, aliases, "
+                "metrics, lineage); registering a version in MLflow starts its rollout."
+            )
+            + f" Policy: {declaration.policy_summary()}"
+        ),
     )
     def _model(
         context: dg.AssetExecutionContext,
-        config: TrainingConfig,
+        config: config_class,  # type: ignore[valid-type]
         mlflow: dg.ResourceParam[MlflowRegistry],
         serving: dg.ResourceParam[ServingPlatform],
     ) -> dg.MaterializeResult:
-        """A registered model in MLflow. Materializing trains on freshly generated data (or, with
-        `recent_data`, on the recent traffic the serving path logged), logs the model with its
-        signature, input example and training-data snapshot, and registers a new version: the first
-        becomes `champion`, later ones `challenger` (a rollout promotes them)."""
-        from mlops_assets.demo.training import train_and_register
-
+        if not trains:
+            return _record(context, mlflow)
+        params = config.model_dump()
+        recent_data, triggered_by = params.pop("recent_data"), params.pop("triggered_by")
         recent = None
-        if config.recent_data:
-            from mlops_assets.core.serving.manifest import isvc_name_for
-            from mlops_assets.demo.data import FEATURES
+        if recent_data:
+            from mlops_assets.core.model_artifacts import input_schema
 
-            recent = serving.recent_payloads(isvc_name_for(model_name), FEATURES)
-            context.log.info(f"retraining {model_name} on {len(recent)} recent rows ({config.triggered_by or 'manual'})")
+            champion = mlflow.version_by_alias(model_name, CHAMPION)
+            features = input_schema(mlflow, champion).names
+            recent = serving.recent_payloads(declaration.isvc, features)
+            context.log.info(f"retraining {model_name} on {len(recent)} recent rows ({triggered_by or 'manual'})")
         else:
-            context.log.info(f"training {model_name}: {config.n_rows} rows, seed {config.seed}, shift {config.shift}")
-        version = train_and_register(
-            mlflow,
-            model_name,
-            n_rows=config.n_rows,
-            seed=config.seed,
-            shift=config.shift,
-            recent=recent,
-            triggered_by=config.triggered_by or f"dagster run {context.run_id}",
-        )
-        try:
-            champion = mlflow.version_by_alias(model_name, CHAMPION).version
-        except UnknownModelError:
-            champion = None
+            context.log.info(f"training {model_name} with {declaration.training} {params}")
+        train = training_function(declaration.training)
+        version = train(mlflow, model_name, recent=recent, triggered_by=triggered_by or f"dagster run {context.run_id}", **params)
+        champion = mlflow.alias_version(model_name, CHAMPION)
         alias = CHAMPION if champion is None else CHALLENGER
         mlflow.set_alias(model_name, alias, version.version)
-        context.log.info(
-            f"registered {model_name} version {version.version} as {alias} (auc {version.metrics.get('auc', 0):.3f})"
-        )
+        context.log.info(f"registered {model_name} version {version.version} as {alias} (metrics {version.metrics})")
         versions = mlflow.versions(model_name)
         metadata = {
             "version": version.version,
@@ -83,10 +138,8 @@ def build_model_asset(model_name: str) -> dg.AssetsDefinition:
             "champion_version": champion or version.version,
             "model_uri": version.model_uri,
             "run_id": version.run_id,
-            "auc": version.metrics.get("auc"),
             "training_data": version.tags.get("training_data", "generated"),
-            "n_train": version.metrics.get("n_train"),
-            "fraud_rate": version.metrics.get("fraud_rate"),
+            **{f"metric/{k}": v for k, v in sorted(version.metrics.items())},
             "versions": dg.MetadataValue.md(_versions_table(versions)),
             "n_versions": len(versions),
         }
@@ -94,17 +147,42 @@ def build_model_asset(model_name: str) -> dg.AssetsDefinition:
             metadata["mlflow_ui"] = dg.MetadataValue.url(mlflow.model_ui_url(model_name, version.version))
         return dg.MaterializeResult(metadata=metadata)
 
+    def _record(context: dg.AssetExecutionContext, mlflow: MlflowRegistry) -> dg.MaterializeResult:
+        try:
+            versions = mlflow.versions(model_name)
+        except ModelNotFoundError:
+            versions = []
+        if not versions:
+            context.log.info(f"{model_name}: not registered yet in MLflow; register a version and the platform serves it")
+            return dg.MaterializeResult(metadata={"state": "not registered yet", "n_versions": 0})
+        latest = versions[0]
+        metadata = {
+            "state": "registered",
+            "latest_version": latest.version,
+            "champion_version": mlflow.alias_version(model_name, CHAMPION) or "",
+            "challenger_version": mlflow.alias_version(model_name, CHALLENGER) or "",
+            "run_id": latest.run_id,
+            "source": latest.source,
+            **{f"metric/{k}": v for k, v in sorted(latest.metrics.items())},
+            "versions": dg.MetadataValue.md(_versions_table(versions)),
+            "n_versions": len(versions),
+        }
+        if mlflow.ui_url:
+            metadata["mlflow_ui"] = dg.MetadataValue.url(mlflow.model_ui_url(model_name, latest.version))
+        return dg.MaterializeResult(metadata=metadata)
+
     return _model
 
 
-model_assets = [build_model_asset(name) for name in MODEL_NAMES]
-
-
-def build_champion_asset(model_name: str) -> dg.AssetsDefinition:
-    isvc = isvc_name_for(model_name)
+def build_champion_asset(declaration: ModelDeclaration) -> dg.AssetsDefinition:
+    model_name, isvc = declaration.name, declaration.isvc
 
     @dg.asset(
-        key=["models", f"{model_name}_champion"], group_name=GROUP, deps=[dg.AssetKey(["serving", model_name])], kinds={"mlflow"}
+        key=["models", f"{model_name}_champion"],
+        group_name=GROUP,
+        deps=[dg.AssetKey(["serving", model_name])],
+        kinds={"mlflow"},
+        tags={ROLE_TAG: "champion"},
     )
     def _champion(
         context: dg.AssetExecutionContext, mlflow: dg.ResourceParam[MlflowRegistry], serving: dg.ResourceParam[ServingPlatform]
@@ -112,10 +190,7 @@ def build_champion_asset(model_name: str) -> dg.AssetsDefinition:
         """MLflow's `champion` alias, moved to the version serving/<name> now serves as its stable
         revision. Runs only after serving's blocking checks pass: the registry's promotion gate."""
         stable = serving.status(isvc).stable_version
-        try:
-            before = mlflow.version_by_alias(model_name, CHAMPION).version
-        except LookupError:
-            before = None
+        before = mlflow.alias_version(model_name, CHAMPION)
         if stable and stable != before:
             mlflow.set_alias(model_name, CHAMPION, stable)
             context.log.info(f"champion of {model_name}: v{before} -> v{stable}")
@@ -124,13 +199,11 @@ def build_champion_asset(model_name: str) -> dg.AssetsDefinition:
     return _champion
 
 
-champion_assets = [build_champion_asset(name) for name in MODEL_NAMES]
-
 retrain_job = dg.define_asset_job(
     "retrain_job",
-    selection=dg.AssetSelection.assets(*model_assets),
+    selection=dg.AssetSelection.tag(ROLE_TAG, "model"),
     description="Retrain on recent traffic and register a new version (its rollout follows via the registry sensor).",
     # On a cluster: training holds the recent payloads, the frame and the fitted pipeline in memory.
     tags=run_pod_tags(cpu="1", memory="2Gi", memory_limit="4Gi"),
 )
-defs = dg.Definitions(assets=[*model_assets, *champion_assets], jobs=[retrain_job])
+defs = dg.Definitions(jobs=[retrain_job])

@@ -14,40 +14,57 @@ from pathlib import Path
 
 import dagster as dg
 
+from mlops_assets.core.declaration import ModelDeclaration
 from mlops_assets.core.kube import run_pod_tags
 from mlops_assets.core.monitoring.drift import DriftConfig
 from mlops_assets.core.registry import MlflowRegistry
-from mlops_assets.core.serving.manifest import isvc_name_for
 from mlops_assets.core.serving.platform import ServingPlatform
-from mlops_assets.defs.models.assets import MODEL_NAMES
+from mlops_assets.defs.models.assets import ROLE_TAG
 
 GROUP = "monitoring"
 CHECK_DRIFT_SHARE = "drift_share"
 
 
-def _reference_profile(registry: MlflowRegistry, run_id: str, cache_dir: Path):
-    """The training snapshot's profile (sorted numeric values, category counts), cached per run."""
-    from mlops_assets.core.monitoring.drift import ReferenceProfile
-    from mlops_assets.demo.data import CATEGORICAL_FEATURES, NUMERIC_FEATURES
+def _features(declaration: ModelDeclaration, inputs) -> tuple[list[str], list[str]]:
+    """(numeric, categorical) features the report compares: the declared ones, else the signature's."""
+    if declaration.drift_features is None:
+        return inputs.numeric, inputs.categorical
+    unknown = sorted(set(declaration.drift_features) - set(inputs.names))
+    if unknown:
+        raise dg.Failure(f"{declaration.name}: drift_features {unknown} are not inputs of the model's signature {inputs.names}")
+    wanted = set(declaration.drift_features)
+    return [f for f in inputs.numeric if f in wanted], [f for f in inputs.categorical if f in wanted]
 
-    cached = cache_dir / f"{run_id}.npz"
+
+def _reference_profile(registry: MlflowRegistry, version, numeric: list[str], categorical: list[str], cache_dir: Path):
+    """The profile (sorted numeric values, category counts) of the data the version was trained on,
+    cached per run and feature set."""
+    import hashlib
+
+    from mlops_assets.core.model_artifacts import training_data
+    from mlops_assets.core.monitoring.drift import ReferenceProfile
+
+    digest = hashlib.sha256(repr((numeric, categorical)).encode()).hexdigest()[:12]
+    cached = cache_dir / f"{version.run_id}-{digest}.npz"
     if cached.exists():
         return ReferenceProfile.from_npz(cached)
-    import pandas as pd
-    from mlflow.artifacts import download_artifacts
-
-    path = download_artifacts(run_id=run_id, artifact_path="reference/training_data.parquet", tracking_uri=registry.tracking_uri)
-    profile = ReferenceProfile.from_frame(pd.read_parquet(path), NUMERIC_FEATURES, CATEGORICAL_FEATURES)
+    profile = ReferenceProfile.from_frame(training_data(registry, version), numeric, categorical)
     cache_dir.mkdir(parents=True, exist_ok=True)
     profile.to_npz(cached)
     return profile
 
 
-def build_drift_asset(model_name: str) -> tuple[dg.AssetsDefinition, dg.AssetChecksDefinition]:
-    isvc = isvc_name_for(model_name)
+def build_drift_asset(declaration: ModelDeclaration) -> tuple[dg.AssetsDefinition, dg.AssetChecksDefinition]:
+    model_name, isvc = declaration.name, declaration.isvc
     key = dg.AssetKey(["monitoring", f"{model_name}_drift"])
 
-    @dg.asset(key=key, group_name=GROUP, deps=[dg.AssetKey(["serving", model_name])], kinds={"scipy"})
+    @dg.asset(
+        key=key,
+        group_name=GROUP,
+        deps=[dg.AssetKey(["serving", model_name])],
+        kinds={"scipy"},
+        tags={ROLE_TAG: "drift"},
+    )
     def _drift(
         context: dg.AssetExecutionContext,
         mlflow: dg.ResourceParam[MlflowRegistry],
@@ -57,17 +74,22 @@ def build_drift_asset(model_name: str) -> tuple[dg.AssetsDefinition, dg.AssetChe
         """Drift of the live traffic against the serving version's training data: per-feature KS or
         chi-square, Benjamini-Hochberg corrected, with an effect-size floor; a table, an HTML report
         with a histogram per feature, and Prometheus gauges for alerting."""
+        from mlops_assets.core.model_artifacts import ModelArtifactMissingError, input_schema
         from mlops_assets.core.monitoring.drift import detect_drift
         from mlops_assets.core.monitoring.report import drift_plot_png, render_html
-        from mlops_assets.demo.data import FEATURES
 
+        policy = declaration.drift_config(drift_policy)
         status = serving.status(isvc)
         version = mlflow.get_version(model_name, status.stable_version)
-        home = Path(drift_policy.home)
-        profile = _reference_profile(mlflow, version.run_id, home / "monitoring" / "profiles")
-        current = serving.recent_payloads(isvc, FEATURES, drift_policy.max_rows)
+        home = Path(policy.home)
+        try:
+            numeric, categorical = _features(declaration, input_schema(mlflow, version))
+            profile = _reference_profile(mlflow, version, numeric, categorical, home / "monitoring" / "profiles")
+        except ModelArtifactMissingError as exc:
+            raise dg.Failure(f"no drift report for {model_name} v{version.version}: {exc}") from exc
+        current = serving.recent_payloads(isvc, [*numeric, *categorical], policy.max_rows)
         context.log.info(f"{isvc}: {len(current)} recent rows vs {profile.n_rows} training rows of v{version.version}")
-        report = detect_drift(profile, current, drift_policy)
+        report = detect_drift(profile, current, policy)
         out = home / "monitoring" / model_name
         out.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%S")
@@ -99,18 +121,19 @@ def build_drift_asset(model_name: str) -> tuple[dg.AssetsDefinition, dg.AssetChe
     @dg.asset_check(asset=key, name=CHECK_DRIFT_SHARE)
     def _share(context: dg.AssetCheckExecutionContext, drift_policy: dg.ResourceParam[DriftConfig]) -> dg.AssetCheckResult:
         """The share of drifting features is at most the policy's drift_share_threshold."""
+        policy = declaration.drift_config(drift_policy)
         event = context.instance.get_latest_materialization_event(key)
         meta = event.asset_materialization.metadata if event else {}
-        severity = dg.AssetCheckSeverity[drift_policy.check_severity]
+        severity = dg.AssetCheckSeverity[policy.check_severity]
         if "drift_share" not in meta or meta["dataset_verdict"].value == "insufficient_data":
             return dg.AssetCheckResult(passed=False, severity=severity, metadata={"note": "no testable data yet"})
         share = meta["drift_share"].value
         return dg.AssetCheckResult(
-            passed=share <= drift_policy.drift_share_threshold,
+            passed=share <= policy.drift_share_threshold,
             severity=severity,
             metadata={
                 "observed": share,
-                "threshold": drift_policy.drift_share_threshold,
+                "threshold": policy.drift_share_threshold,
                 "drifted": meta["drifted_features"].value,
             },
         )
@@ -118,14 +141,11 @@ def build_drift_asset(model_name: str) -> tuple[dg.AssetsDefinition, dg.AssetChe
     return _drift, _share
 
 
-_built = [build_drift_asset(name) for name in MODEL_NAMES]
-drift_assets = [a for a, _ in _built]
-drift_checks = [c for _, c in _built]
 monitor_drift_job = dg.define_asset_job(
     "monitor_drift_job",
-    selection=dg.AssetSelection.assets(*drift_assets),
+    selection=dg.AssetSelection.tag(ROLE_TAG, "drift"),
     description="Compute drift reports for every served model.",
     # On a cluster: the reference profile is 16 B per training value, plus a batch of up to 200k payload rows.
     tags=run_pod_tags(cpu="1", memory="2Gi", memory_limit="4Gi"),
 )
-defs = dg.Definitions(assets=drift_assets, asset_checks=drift_checks, jobs=[monitor_drift_job])
+defs = dg.Definitions(jobs=[monitor_drift_job])

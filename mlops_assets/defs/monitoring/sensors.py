@@ -10,13 +10,11 @@ Prometheus down means a skipped tick that says so.
 import dagster as dg
 
 from mlops_assets.core.monitoring.alerts import RETRAIN_ALERTS, ROLLBACK_ALERTS, AlertsUnavailableError, PrometheusAlerts
-from mlops_assets.core.serving.manifest import ISVC_TAG, isvc_name_for
+from mlops_assets.core.serving.manifest import ISVC_TAG
 from mlops_assets.core.serving.platform import ServingPlatform, UnknownServiceError
-from mlops_assets.defs.models.assets import MODEL_NAMES, retrain_job
+from mlops_assets.defs.models.assets import declared_models, retrain_job
 from mlops_assets.defs.serving.assets import ROLLBACK, ROLLOUT_TAG
 from mlops_assets.defs.serving.jobs import rollback_job
-
-MODEL_BY_ISVC = {isvc_name_for(name): name for name in MODEL_NAMES}
 
 
 @dg.sensor(
@@ -35,13 +33,15 @@ def prometheus_alert_sensor(
         alerts = prometheus_alerts.firing()
     except AlertsUnavailableError as exc:
         return dg.SkipReason(f"{exc}; nothing acted on")
+    by_isvc = {d.isvc: d for d in declared_models(context.repository_def).values()}
     requests, notes = [], []
     for alert in alerts:
         labels = alert.get("labels", {})
         name, isvc = labels.get("alertname", ""), labels.get("isvc", "")
-        model = MODEL_BY_ISVC.get(isvc)
-        if model is None or name not in ROLLBACK_ALERTS | RETRAIN_ALERTS:
+        declaration = by_isvc.get(isvc)
+        if declaration is None or name not in ROLLBACK_ALERTS | RETRAIN_ALERTS:
             continue
+        model = declaration.name
         summary = (alert.get("annotations") or {}).get("summary", name)
         if name in ROLLBACK_ALERTS:
             try:
@@ -62,6 +62,8 @@ def prometheus_alert_sensor(
                     tags={ISVC_TAG: isvc, "mlops-assets/alert": name, ROLLOUT_TAG: ROLLBACK},
                 )
             )
+        elif declaration.training is None:
+            notes.append(f"{name} on {isvc}: {model} is trained outside the platform; register a retrained version in MLflow")
         else:
             requests.append(
                 dg.RunRequest(

@@ -15,13 +15,15 @@ import json
 
 import dagster as dg
 
-from mlops_assets.core.registry import CHALLENGER, CHAMPION, AliasNotSetError, MlflowRegistry
+from mlops_assets.core.declaration import ModelDeclaration
+from mlops_assets.core.model_artifacts import ModelArtifactMissingError
+from mlops_assets.core.registry import CHALLENGER, CHAMPION, AliasNotSetError, MlflowRegistry, VersionInfo
 from mlops_assets.core.rollout.policy import RolloutPolicy, Strategy
-from mlops_assets.core.serving.manifest import Deployment, build_inference_service, isvc_name_for
+from mlops_assets.core.serving.manifest import Deployment, build_inference_service
 from mlops_assets.core.serving.metrics import MetricsSource, MetricsUnavailableError
 from mlops_assets.core.serving.platform import ServiceStatus, ServingPlatform
 from mlops_assets.core.settings import DEFAULT_NAMESPACE
-from mlops_assets.defs.models.assets import MODEL_NAMES
+from mlops_assets.defs.models.assets import ROLE_TAG
 
 GROUP = "serving"
 #: The run tag that says what a run of the serving asset does: a `Strategy` value, or ROLLBACK.
@@ -102,16 +104,17 @@ def requested_action(context: dg.AssetExecutionContext) -> str | None:
     return action
 
 
-def _validation_body() -> bytes:
-    """One request of the served model's payload, for blue-green validation."""
+def validation_body(mlflow: MlflowRegistry, version: VersionInfo) -> bytes:
+    """One V1 request built from the version's logged input example: what blue-green validation
+    sends to the new revision (a version without one is refused, naming what to log)."""
+    from mlops_assets.core.model_artifacts import input_example
     from mlops_assets.core.serving.payloads import v1_payload
-    from mlops_assets.demo.data import FEATURES, generate_fraud_data
 
-    return json.dumps(v1_payload(generate_fraud_data(1, seed=11)[FEATURES])).encode()
+    return json.dumps(v1_payload(input_example(mlflow, version))).encode()
 
 
-def build_serving_asset(model_name: str) -> dg.AssetsDefinition:
-    isvc = isvc_name_for(model_name)
+def build_serving_asset(declaration: ModelDeclaration) -> dg.AssetsDefinition:
+    model_name, isvc = declaration.name, declaration.isvc
     key = dg.AssetKey(["serving", model_name])
 
     @dg.asset(
@@ -119,6 +122,8 @@ def build_serving_asset(model_name: str) -> dg.AssetsDefinition:
         group_name=GROUP,
         deps=[dg.AssetKey(["models", model_name]), dg.AssetKey(["platform", "kserve"])],
         kinds={"kserve"},
+        tags={ROLE_TAG: "serving"},
+        metadata={"policy": declaration.policy_summary()},
     )
     def _serving(
         context: dg.AssetExecutionContext,
@@ -141,18 +146,28 @@ def build_serving_asset(model_name: str) -> dg.AssetsDefinition:
             platform=serving,
             metrics=metrics,
             registry=mlflow,
-            policy=rollout_policy,
+            policy=declaration.rollout_policy(rollout_policy),
             emit=lambda event: context.log_event(_event_materialization(event, action)),
             log=context.log.info,
             run_is_active=lambda run_id: _run_is_active(context.instance, run_id),
-            validation_body=_validation_body() if action == Strategy.BLUE_GREEN else None,
         )
         if action == ROLLBACK:
             return _rollback(runner, config, mlflow, serving, metrics)
         return _rollout(context, runner, Strategy(action), config, mlflow, serving, metrics)
 
+    def _require_installed(mlflow, version, what: str) -> None:
+        from mlops_assets.core.model_artifacts import missing_requirements
+
+        missing = missing_requirements(mlflow, version)
+        if missing:
+            raise dg.Failure(
+                f"{what} of {model_name} v{version.version} refused: the model needs packages that are not installed "
+                f"where it would be served: {', '.join(missing)}"
+            )
+
     def _deploy(context, config, mlflow, serving, metrics) -> dg.MaterializeResult:
         version = mlflow.version_by_alias(model_name, config.alias)
+        _require_installed(mlflow, version, "deployment")
         manifest = build_inference_service(
             Deployment(
                 model_name=model_name,
@@ -226,6 +241,12 @@ def build_serving_asset(model_name: str) -> dg.AssetsDefinition:
             triggered_by=config.triggered_by or f"dagster run {context.run_id}",
             run_id=context.run_id,
         )
+        # Refused before any traffic moves: a version the platform cannot validate, or cannot load here.
+        try:
+            runner.validation_body = validation_body(mlflow, version)
+        except ModelArtifactMissingError as exc:
+            raise dg.Failure(f"{strategy} rollout of {model_name} v{version.version} refused: {exc}") from exc
+        _require_installed(mlflow, version, f"{strategy} rollout")
         report = runner.run(request)
         result = report.result
         metadata = _final_metadata(report.status, mlflow, serving, metrics, version.version, version.model_uri)
@@ -264,8 +285,3 @@ def build_serving_asset(model_name: str) -> dg.AssetsDefinition:
         return dg.MaterializeResult(metadata=metadata)
 
     return _serving
-
-
-serving_assets = [build_serving_asset(name) for name in MODEL_NAMES]
-
-defs = dg.Definitions(assets=serving_assets)

@@ -10,29 +10,35 @@ from collections.abc import Callable
 
 import dagster as dg
 
+from mlops_assets.core.declaration import ModelDeclaration
+from mlops_assets.core.registry import MlflowRegistry
 from mlops_assets.core.rollout.policy import RolloutPolicy
-from mlops_assets.core.serving.manifest import isvc_name_for
 from mlops_assets.core.serving.metrics import MetricsSource, MetricsUnavailableError, RevisionCounts
 from mlops_assets.core.serving.platform import ServingPlatform, http_json
-from mlops_assets.defs.models.assets import MODEL_NAMES
 
 CHECK_PREDICTOR_ANSWERS = "predictor_answers"
 CHECK_ERROR_RATE = "error_rate"
 CHECK_P95_LATENCY = "p95_latency"
 
 
-def build_serving_checks(model_name: str) -> list[dg.AssetChecksDefinition]:
-    isvc = isvc_name_for(model_name)
+def build_serving_checks(declaration: ModelDeclaration) -> list[dg.AssetChecksDefinition]:
+    model_name, isvc = declaration.name, declaration.isvc
     key = dg.AssetKey(["serving", model_name])
 
     @dg.asset_check(asset=key, name=CHECK_PREDICTOR_ANSWERS, blocking=True)
-    def _answers(serving: dg.ResourceParam[ServingPlatform]) -> dg.AssetCheckResult:
-        """The InferenceService answers valid V1 and V2 requests with 200 and one score per row."""
+    def _answers(serving: dg.ResourceParam[ServingPlatform], mlflow: dg.ResourceParam[MlflowRegistry]) -> dg.AssetCheckResult:
+        """The InferenceService answers the serving version's logged input example, sent as V1 and
+        V2 requests, with 200 and one prediction per row."""
+        from mlops_assets.core.model_artifacts import ModelArtifactMissingError, input_example
         from mlops_assets.core.serving.payloads import v1_payload, v2_payload
-        from mlops_assets.demo.data import FEATURES, generate_fraud_data
 
         status = serving.status(isvc)
-        frame = generate_fraud_data(5, seed=123)[FEATURES]
+        try:
+            frame = input_example(mlflow, mlflow.get_version(model_name, status.stable_version))
+        except ModelArtifactMissingError as exc:
+            return dg.AssetCheckResult(
+                passed=False, severity=dg.AssetCheckSeverity.ERROR, metadata={"error": str(exc), "url": status.url}
+            )
         v1_code, v1_body = http_json(status.predict_url("v1"), v1_payload(frame))
         v2_code, v2_body = http_json(status.predict_url("v2"), v2_payload(frame))
         n_v1 = len(v1_body.get("predictions", []))
@@ -116,7 +122,7 @@ def build_serving_checks(model_name: str) -> list[dg.AssetChecksDefinition]:
         """The newest revision's share of 5xx responses is within the policy's max_error_rate, and
         no rollout rolled it back for errors (its sequential tests see degradations that a point
         estimate against the threshold cannot)."""
-        limit = rollout_policy.max_error_rate
+        limit = declaration.rollout_policy(rollout_policy).max_error_rate
 
         def judge(counts: RevisionCounts | None) -> tuple[bool, dict] | None:
             if counts is None or counts.requests == 0:
@@ -146,7 +152,7 @@ def build_serving_checks(model_name: str) -> list[dg.AssetChecksDefinition]:
     ) -> dg.AssetCheckResult:
         """The newest revision's p95 latency (through the router) is within max_p95_latency_s, and
         no rollout rolled it back for latency."""
-        limit = rollout_policy.max_p95_latency_s
+        limit = declaration.rollout_policy(rollout_policy).max_p95_latency_s
 
         def judge(counts: RevisionCounts | None) -> tuple[bool, dict] | None:
             p95 = counts.latency_quantile(0.95) if counts is not None else None
@@ -159,8 +165,3 @@ def build_serving_checks(model_name: str) -> list[dg.AssetChecksDefinition]:
         )
 
     return [_answers, _error_rate, _p95]
-
-
-serving_checks = [check for name in MODEL_NAMES for check in build_serving_checks(name)]
-
-defs = dg.Definitions(asset_checks=serving_checks)

@@ -8,7 +8,7 @@ Each job carries the run tag `mlops-assets/rollout` that tells the serving asset
 import dagster as dg
 
 from mlops_assets.core.rollout.policy import Strategy
-from mlops_assets.defs.models.assets import MODEL_NAMES
+from mlops_assets.defs.models.assets import ROLE_TAG
 from mlops_assets.defs.serving.assets import ROLLBACK, ROLLOUT_TAG
 
 #: The job that rolls a version out with each strategy.
@@ -25,11 +25,9 @@ _DESCRIPTIONS = {
     Strategy.AB_TEST: "A/B test: split traffic between the two versions and promote the new one only if its outcome "
     "metric is better with statistical significance.",
 }
-#: The serving asset of every model and its champion alias: what a rollout materializes.
-ROLLOUT_SELECTION = dg.AssetSelection.assets(
-    *[dg.AssetKey(["serving", name]) for name in MODEL_NAMES],
-    *[dg.AssetKey(["models", f"{name}_champion"]) for name in MODEL_NAMES],
-)
+#: The serving asset of every declared model and its champion alias: what a rollout materializes
+#: (a run request narrows it to one model).
+ROLLOUT_SELECTION = dg.AssetSelection.tag(ROLE_TAG, "serving") | dg.AssetSelection.tag(ROLE_TAG, "champion")
 
 rollout_jobs = [
     dg.define_asset_job(job, selection=ROLLOUT_SELECTION, tags={ROLLOUT_TAG: str(strategy)}, description=_DESCRIPTIONS[strategy])

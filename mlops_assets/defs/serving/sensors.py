@@ -1,9 +1,10 @@
 """`mlflow_registry_sensor`: a new model version (or a moved `challenger` alias) starts a rollout.
 
-The cursor holds, per model, the highest version already handed to a rollout and the challenger
-version last seen. Each tick costs one model lookup plus one probe per new version, whatever the
-size of the registry. The strategy comes from the version's (or else the model's) tag
-`rollout_strategy`; canary by default.
+It watches every declared model (each `defs/models/<name>/defs.yaml`). The cursor holds, per model,
+the highest version already handed to a rollout and the challenger version last seen. Each tick costs
+one model lookup plus one probe per new version, whatever the size of the registry. The strategy
+comes from the version's (or else the registered model's) tag `rollout_strategy`, else from the
+model's declaration (canary unless it says otherwise).
 
 Registry failures never read as "nothing new": if MLflow is not working (unreachable, a server that
 is not MLflow answering 404/5xx/HTML, a corrupt or locked SQLite file, any `RegistryError`) the
@@ -20,7 +21,7 @@ import dagster as dg
 from mlops_assets.core.registry import CHALLENGER, CHAMPION, MlflowRegistry, ModelNotFoundError, RegistryError
 from mlops_assets.core.rollout.policy import STRATEGY_TAG, Strategy, strategy_from_tag
 from mlops_assets.core.serving.manifest import ISVC_TAG, isvc_name_for
-from mlops_assets.defs.models.assets import MODEL_NAMES
+from mlops_assets.defs.models.assets import declared_models
 from mlops_assets.defs.serving.assets import ROLLOUT_TAG
 from mlops_assets.defs.serving.jobs import JOB_FOR_STRATEGY, rollout_jobs
 
@@ -50,7 +51,8 @@ def mlflow_registry_sensor(context: dg.SensorEvaluationContext, mlflow: dg.Resou
     cursor = json.loads(context.cursor) if context.cursor else {}
     requests, notes = [], []
     now = time.time()
-    for model in MODEL_NAMES:
+    for declaration in declared_models(context.repository_def).values():
+        model = declaration.name
         state = dict(cursor.get(model) or {})
         # Every registry call of this model happens inside the try, so no failure escapes half-read.
         try:
@@ -87,14 +89,14 @@ def mlflow_registry_sensor(context: dg.SensorEvaluationContext, mlflow: dg.Resou
             return dg.SkipReason(f"{exc}; cursor unchanged, no version lost")
         model_strategy = (state.get("tags") or {}).get(STRATEGY_TAG)
         for version in new:
-            strategy = strategy_from_tag(version.tags.get(STRATEGY_TAG) or model_strategy)
+            strategy = strategy_from_tag(version.tags.get(STRATEGY_TAG) or model_strategy, declaration.strategy)
             requests.append(
                 rollout_request(model, version.version, strategy, f"mlflow_registry_sensor: new version {version.version}")
             )
         state["seen"] = seen
         if reroll:
             reason = f"mlflow_registry_sensor: challenger -> v{challenger}"
-            requests.append(rollout_request(model, challenger, strategy_from_tag(model_strategy), reason))
+            requests.append(rollout_request(model, challenger, strategy_from_tag(model_strategy, declaration.strategy), reason))
         state["challenger"] = challenger
         cursor[model] = state
         if not new:
