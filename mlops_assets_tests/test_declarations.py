@@ -150,3 +150,19 @@ def test_dg_check_defs_rejects_each_kind_of_bad_declaration(tmp_path, attributes
     assert expected in output and f"{path}:" in output, output
     if duplicate:
         assert str(project / "mlops_assets" / "defs" / "models" / "fraud_detector" / "defs.yaml") in output
+
+
+def test_the_declared_replicas_and_resources_shape_its_inference_service():
+    """On a cluster the same declaration produces the InferenceService (modelFormat mlflow)."""
+    from mlops_assets.core.serving.manifest import Deployment, build_inference_service
+
+    component, _defs = _load({"name": "delivery_time", "min_replicas": 2, "max_replicas": 4, "requests": {"cpu": "1500m"}})
+    declaration = ModelDeclaration(**component.model_dump())
+    manifest = build_inference_service(
+        Deployment(model_name="delivery_time", version="3", storage_uri="s3://mlflow/3/model", **declaration.deployment_fields())
+    )
+    predictor = manifest["spec"]["predictor"]
+    assert (predictor["minReplicas"], predictor["maxReplicas"]) == (2, 4)
+    assert predictor["model"]["modelFormat"] == {"name": "mlflow"}
+    assert predictor["model"]["resources"]["requests"] == {"cpu": "1500m"}
+    assert manifest["metadata"]["name"] == "delivery-time"

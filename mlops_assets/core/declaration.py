@@ -55,10 +55,12 @@ class ModelDeclaration(EngineConfig):
     #: `module:function` that trains and registers a version (optional: models trained elsewhere
     #: only register versions in MLflow, and the platform does the rest).
     training: str | None = pydantic.Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-    #: Replicas of each revision's predictor, and its resources (on a cluster).
-    replicas: int = pydantic.Field(default=1, ge=1, le=100)
-    cpu: str = "1"
-    memory: str = "2Gi"
+    #: Each revision's predictor on a cluster: replicas (autoscaled between the two) and resources,
+    #: e.g. {"cpu": "500m", "memory": "1Gi"}. None: the manifest builder's defaults (`Deployment`).
+    min_replicas: int | None = pydantic.Field(default=None, ge=0, le=100)
+    max_replicas: int | None = pydantic.Field(default=None, ge=1, le=100)
+    requests: dict[str, str] | None = None
+    limits: dict[str, str] | None = None
 
     @pydantic.field_validator("name")
     @classmethod
@@ -80,6 +82,12 @@ class ModelDeclaration(EngineConfig):
         """The platform's drift configuration with this model's overrides applied (and validated)."""
         return DriftConfig(**{**platform.model_dump(), **self.drift.model_dump(exclude_none=True)})
 
+    def deployment_fields(self) -> dict[str, Any]:
+        """What this model sets of its InferenceService (`Deployment` fields); the rest are defaults."""
+        fields = {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas}
+        fields |= {"requests": self.requests, "limits": self.limits}
+        return {key: value for key, value in fields.items() if value is not None}
+
     def policy_summary(self) -> dict[str, Any]:
         """What this model sets, for the UI (the rest is the platform's policy)."""
         return {
@@ -88,5 +96,5 @@ class ModelDeclaration(EngineConfig):
             "drift": self.drift.model_dump(exclude_none=True),
             "drift_features": self.drift_features or "signature",
             "training": self.training or "outside the platform (registered in MLflow)",
-            "replicas": self.replicas,
+            "deployment": self.deployment_fields(),
         }

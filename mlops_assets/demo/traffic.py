@@ -19,10 +19,20 @@ class TrafficGenerator:
     """Background users: steady requests with sticky user keys and, for A/B tests, an outcome per
     request reported to the router's feedback endpoint. Runs on its own thread and event loop."""
 
-    def __init__(self, platform, isvc: str, rate: float = 50.0, success: dict[str, float] | None = None, seed: int = 3):
+    def __init__(
+        self,
+        platform,
+        isvc: str,
+        rate: float = 50.0,
+        success: dict[str, float] | None = None,
+        seed: int = 3,
+        rows: list[dict] | None = None,
+    ):
         import threading
 
         self.platform, self.isvc, self.rate = platform, isvc, rate
+        #: The users' inputs for any model (e.g. its input example's rows); default: the fraud table.
+        self.rows = rows
         self.success = success or {}
         self.shift = 0.0  # move the users' data distribution (drift drills)
         self.rng = random.Random(seed)
@@ -59,6 +69,8 @@ class TrafficGenerator:
         from mlops_assets.demo.data import FEATURES, generate_fraud_data
 
         def make_bodies(shift: float) -> list[bytes]:
+            if self.rows is not None:
+                return [json.dumps({"instances": [row]}).encode() for row in self.rows]
             # A pool large next to what a drift window samples from it: a small pool's own deviation
             # from the population would add to the sampling noise the drift tests allow for, and raise
             # their false-alarm rate on healthy traffic.

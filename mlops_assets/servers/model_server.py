@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-_NUMERIC_TYPES = {"double", "float", "long", "integer", "DataType.double", "DataType.float", "DataType.long", "DataType.integer"}
+#: The numpy dtype each MLflow column type arrives as (JSON numbers are floats or ints; MLflow's schema
+#: enforcement refuses a float64 column for a `long` input, so integers stay integers).
+_DTYPES = {"double": np.float64, "float": np.float32, "long": np.int64, "integer": np.int32, "boolean": np.bool_}
 
 
 def _bind_loopback() -> None:
@@ -53,8 +55,10 @@ def make_model_class():
             self.pyfunc = mlflow.pyfunc.load_model(self.storage_uri)
             schema = self.pyfunc.metadata.get_input_schema()
             self.columns = list(schema.input_names()) if schema is not None else []
-            self.numeric = {
-                spec.name for spec in (schema.inputs if schema is not None else []) if str(spec.type) in _NUMERIC_TYPES
+            self.dtypes = {
+                spec.name: _DTYPES[kind]
+                for spec in (schema.inputs if schema is not None else [])
+                if (kind := str(spec.type).removeprefix("DataType.")) in _DTYPES
             }
             self.ready = True
             return self.ready
@@ -81,11 +85,19 @@ def make_model_class():
             for column in frame.columns:
                 if frame[column].isna().any():
                     raise InvalidInput(f"feature {column!r} has null values")
-                if column in self.numeric:
+                dtype = self.dtypes.get(column)
+                if dtype is np.bool_:
+                    if not frame[column].map(lambda v: isinstance(v, bool) or v in (0, 1)).all():
+                        raise InvalidInput(f"feature {column!r} must be true or false")
+                    frame[column] = frame[column].astype(np.bool_)
+                elif dtype is not None:
                     try:
-                        frame[column] = pd.to_numeric(frame[column]).astype(np.float64)
+                        values = pd.to_numeric(frame[column])
                     except (TypeError, ValueError):
                         raise InvalidInput(f"feature {column!r} must be numeric") from None
+                    if np.issubdtype(dtype, np.integer) and not (values == values.round()).all():
+                        raise InvalidInput(f"feature {column!r} must be a whole number")
+                    frame[column] = values.astype(dtype)
                 else:
                     frame[column] = frame[column].astype(str)
             return frame

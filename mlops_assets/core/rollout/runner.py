@@ -17,7 +17,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from mlops_assets.core.registry import CHAMPION, MlflowRegistry, VersionInfo
 from mlops_assets.core.rollout.policy import RolloutPolicy, Strategy
@@ -45,6 +45,8 @@ class RolloutRequest:
     triggered_by: str
     #: The orchestrator's id for this attempt: it owns the lock while the rollout runs.
     run_id: str
+    #: `Deployment` fields the model's declaration sets (replicas, resources).
+    deployment_fields: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,7 @@ class RolloutRunner:
                     run_id=version.run_id,
                     rollout_id=rollout_id,
                     triggered_by=request.triggered_by,
+                    **request.deployment_fields,
                 )
             )
             self.log(f"{rollout_id}: rolling out {request.model_name} v{version.version} with {strategy}")

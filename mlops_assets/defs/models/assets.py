@@ -189,6 +189,8 @@ def build_champion_asset(declaration: ModelDeclaration) -> dg.AssetsDefinition:
     ) -> dg.MaterializeResult:
         """MLflow's `champion` alias, moved to the version serving/<name> now serves as its stable
         revision. Runs only after serving's blocking checks pass: the registry's promotion gate."""
+        if isvc not in serving.list_services():
+            return dg.MaterializeResult(metadata={"champion_version": "", "note": f"{isvc} is not served yet"})
         stable = serving.status(isvc).stable_version
         before = mlflow.alias_version(model_name, CHAMPION)
         if stable and stable != before:

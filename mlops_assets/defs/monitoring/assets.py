@@ -79,6 +79,9 @@ def build_drift_asset(declaration: ModelDeclaration) -> tuple[dg.AssetsDefinitio
         from mlops_assets.core.monitoring.report import drift_plot_png, render_html
 
         policy = declaration.drift_config(drift_policy)
+        if isvc not in serving.list_services():
+            context.log.info(f"{isvc} is not served yet: no traffic to compare")
+            return dg.MaterializeResult(metadata={"dataset_verdict": "not served yet"})
         status = serving.status(isvc)
         version = mlflow.get_version(model_name, status.stable_version)
         home = Path(policy.home)

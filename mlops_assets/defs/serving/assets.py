@@ -17,7 +17,14 @@ import dagster as dg
 
 from mlops_assets.core.declaration import ModelDeclaration
 from mlops_assets.core.model_artifacts import ModelArtifactMissingError
-from mlops_assets.core.registry import CHALLENGER, CHAMPION, AliasNotSetError, MlflowRegistry, VersionInfo
+from mlops_assets.core.registry import (
+    CHALLENGER,
+    CHAMPION,
+    AliasNotSetError,
+    MlflowRegistry,
+    ModelNotFoundError,
+    VersionInfo,
+)
 from mlops_assets.core.rollout.policy import RolloutPolicy, Strategy
 from mlops_assets.core.serving.manifest import Deployment, build_inference_service
 from mlops_assets.core.serving.metrics import MetricsSource, MetricsUnavailableError
@@ -166,7 +173,16 @@ def build_serving_asset(declaration: ModelDeclaration) -> dg.AssetsDefinition:
             )
 
     def _deploy(context, config, mlflow, serving, metrics) -> dg.MaterializeResult:
-        version = mlflow.version_by_alias(model_name, config.alias)
+        try:
+            version = mlflow.version_by_alias(model_name, config.alias)
+        except ModelNotFoundError as exc:
+            # A declared model not registered yet, or with no champion yet, has nothing to serve: a
+            # state, not a failure. An alias asked for by name that does not exist is a failure.
+            if isinstance(exc, AliasNotSetError) and config.alias != CHAMPION:
+                raise
+            state = f"no version has alias '{CHAMPION}' yet" if isinstance(exc, AliasNotSetError) else "not registered yet"
+            context.log.info(f"{model_name}: {state}; register a version in MLflow and the platform serves it")
+            return dg.MaterializeResult(metadata={"state": state})
         _require_installed(mlflow, version, "deployment")
         manifest = build_inference_service(
             Deployment(
@@ -176,6 +192,7 @@ def build_serving_asset(declaration: ModelDeclaration) -> dg.AssetsDefinition:
                 namespace=config.namespace,
                 run_id=version.run_id,
                 triggered_by=config.triggered_by or f"dagster run {context.run_id}",
+                **declaration.deployment_fields(),
             )
         )
         if isvc in serving.list_services() and serving.status(isvc).stable_version == version.version:
@@ -240,6 +257,7 @@ def build_serving_asset(declaration: ModelDeclaration) -> dg.AssetsDefinition:
             namespace=config.namespace,
             triggered_by=config.triggered_by or f"dagster run {context.run_id}",
             run_id=context.run_id,
+            deployment_fields=declaration.deployment_fields(),
         )
         # Refused before any traffic moves: a version the platform cannot validate, or cannot load here.
         try:

@@ -21,6 +21,14 @@ CHECK_ERROR_RATE = "error_rate"
 CHECK_P95_LATENCY = "p95_latency"
 
 
+def not_served_yet(isvc: str) -> dg.AssetCheckResult:
+    """A declared model with nothing served yet (no version registered, or no champion): a warning
+    that says so, not a failure of the platform."""
+    return dg.AssetCheckResult(
+        passed=False, severity=dg.AssetCheckSeverity.WARN, metadata={"note": f"{isvc} is not served yet: no champion"}
+    )
+
+
 def build_serving_checks(declaration: ModelDeclaration) -> list[dg.AssetChecksDefinition]:
     model_name, isvc = declaration.name, declaration.isvc
     key = dg.AssetKey(["serving", model_name])
@@ -32,6 +40,8 @@ def build_serving_checks(declaration: ModelDeclaration) -> list[dg.AssetChecksDe
         from mlops_assets.core.model_artifacts import ModelArtifactMissingError, input_example
         from mlops_assets.core.serving.payloads import v1_payload, v2_payload
 
+        if isvc not in serving.list_services():
+            return not_served_yet(isvc)
         status = serving.status(isvc)
         try:
             frame = input_example(mlflow, mlflow.get_version(model_name, status.stable_version))
@@ -91,6 +101,8 @@ def build_serving_checks(declaration: ModelDeclaration) -> list[dg.AssetChecksDe
         """What the threshold checks share: unreadable metrics fail; a rollout that rolled the judged
         revision back for one of `kinds` fails with its verdict; no requests yet is a warning, never a
         pass; otherwise `judge(counts)` decides, as (passed, observed metadata)."""
+        if isvc not in serving.list_services():
+            return not_served_yet(isvc)
         query = metrics.describe_query(isvc)
         try:
             _, revision, counts = _judged_revision(serving, metrics)
