@@ -13,6 +13,7 @@ Real MLflow (SQLite), real model servers and routers on 127.0.0.1; nothing mocke
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -94,9 +95,13 @@ def world(tmp_path_factory):
 
 def _register(home: Path, *args: str) -> str:
     """The team's plain script, run as they would run it."""
+    # The team's environment, not this test process's: MLflow's calls earlier in the suite export
+    # MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI of other stores.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     out = subprocess.run(
         [sys.executable, str(SCRIPT), "--tracking-uri", f"sqlite:///{home}/mlflow/mlflow.db", *args],
         cwd=home,
+        env=env,
         capture_output=True,
         text=True,
         timeout=300,

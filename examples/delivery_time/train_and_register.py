@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> str:
         ]
     ).fit(features, table["minutes"])
     mlflow.set_tracking_uri(args.tracking_uri)
+    mlflow.set_registry_uri(args.tracking_uri)  # the registry lives there too (not wherever MLFLOW_REGISTRY_URI points)
     mlflow.set_experiment("delivery-time")
     requirements = [f"{pkg}=={installed(pkg)}" for pkg in ("mlflow", "scikit-learn", "pandas", "numpy", "cloudpickle")]
     with mlflow.start_run() as run:
