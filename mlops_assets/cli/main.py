@@ -45,6 +45,19 @@ def prepare_dagster_home(settings: Settings) -> Path:
     return home
 
 
+def prepare_mlflow_store(settings: Settings) -> str:
+    """Create and migrate MLflow's backend store before any other process opens it."""
+    from mlops_assets.core.platform.backends import LocalPlatformServices
+
+    services = LocalPlatformServices(
+        home=str(settings.home),
+        tracking_uri=settings.mlflow_tracking_uri,
+        mlflow_ui_port=settings.mlflow_ui_port,
+        prometheus_port=settings.prometheus_port,
+    )
+    return str(services.backend_store().get("uri", settings.mlflow_tracking_uri))
+
+
 def _bin(name: str) -> str:
     local = Path(sys.executable).with_name(name)
     return str(local) if local.exists() else name
@@ -290,13 +303,15 @@ def launch_and_wait(instance, job_name: str, timeout_s: float = 600, *, daemon: 
     return run_id
 
 
-def wait_for_sensor_run(instance, version: str, timeout_s: float = 180, *, daemon: Daemon):
-    """The run `mlflow_registry_sensor` launched for `version` (found by its tag)."""
+def wait_for_sensor_run(instance, isvc: str, version: str, timeout_s: float = 180, *, daemon: Daemon):
+    """The run `mlflow_registry_sensor` launched for `version` of `isvc`'s model (found by its tags)."""
     from dagster import RunsFilter
+
+    from mlops_assets.core.serving.manifest import ISVC_TAG
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        runs = instance.get_runs(RunsFilter(tags={"mlops-assets/model-version": version}))
+        runs = instance.get_runs(RunsFilter(tags={"mlops-assets/model-version": version, ISVC_TAG: isvc}))
         if runs:
             return runs[0]
         daemon.pause(1, f"mlflow_registry_sensor's rollout of version {version}")
@@ -344,7 +359,7 @@ def run_drills(instance, settings: Settings, platform, isvc: str, model: str, *,
             registry, model, n_rows=5000, seed=seed, fault=fault, strategy=strategy, triggered_by="mlops-assets demo"
         )
         _say(f"\n[demo] registered {model} v{version.version} in MLflow ({what}); waiting for mlflow_registry_sensor")
-        run = wait_for_sensor_run(instance, version.version, daemon=daemon)
+        run = wait_for_sensor_run(instance, isvc, version.version, daemon=daemon)
         _say(f"[dagster] sensor launched {run.job_name} run {run.run_id[:8]} for v{version.version}")
         status = follow_run(instance, run.run_id, run.job_name, allow_failure=True, daemon=daemon)
         meta = _rollout_metadata(instance, run.run_id, model)
@@ -357,6 +372,50 @@ def run_drills(instance, settings: Settings, platform, isvc: str, model: str, *,
             f"on the stable revision {meta.get('stable_failed_requests')}"
         )
     return results
+
+
+#: A team's own model: trained and registered by a plain script, served because it is declared
+#: (defs/models/delivery_time/defs.yaml).
+TEAM_MODEL, TEAM_ISVC = "delivery_time", "delivery-time"
+TEAM_SCRIPT = PROJECT_ROOT / "examples" / "delivery_time" / "train_and_register.py"
+
+
+def register_team_version(settings: Settings, seed: int) -> str:
+    """Run the team's script as the team would; it registers a version with MLflow's API only."""
+    out = subprocess.run(
+        [sys.executable, str(TEAM_SCRIPT), "--tracking-uri", settings.mlflow_tracking_uri, "--seed", str(seed)],
+        cwd=settings.home,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"{TEAM_SCRIPT} failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
+    return out.stdout.strip().splitlines()[-1].split()[3]
+
+
+def run_team_drill(instance, settings: Settings, platform, *, daemon: Daemon) -> dict:
+    """The team registers v2 of its own model; the sensor rolls it out with its declared strategy."""
+    import json
+
+    from mlops_assets.core.model_artifacts import input_example
+    from mlops_assets.core.registry import MlflowRegistry
+
+    version = register_team_version(settings, seed=2)
+    _say(f"\n[demo] a team registered {TEAM_MODEL} v{version} with its own script; waiting for mlflow_registry_sensor")
+    registry = MlflowRegistry(tracking_uri=settings.mlflow_tracking_uri, artifact_root=str(settings.mlflow_artifact_root))
+    rows = json.loads(input_example(registry, registry.get_version(TEAM_MODEL, version)).to_json(orient="records"))
+    users = TrafficGenerator(platform, TEAM_ISVC, rate=25, rows=rows).start()
+    try:
+        run = wait_for_sensor_run(instance, TEAM_ISVC, version, daemon=daemon)
+        _say(f"[dagster] sensor launched {run.job_name} run {run.run_id[:8]} for {TEAM_MODEL} v{version}")
+        status = follow_run(instance, run.run_id, run.job_name, allow_failure=True, daemon=daemon)
+    finally:
+        users.stop()
+    meta = _rollout_metadata(instance, run.run_id, TEAM_MODEL)
+    _say(f"[demo] {TEAM_MODEL} v{version}: {meta.get('rollout_outcome')} in {meta.get('time_to_decision_s')}s")
+    drill = f"{TEAM_MODEL} v{version} (a team's own model, own script), declared blue-green"
+    return {"drill": drill, "version": version, "job": run.job_name, "run_status": status, "expected": "promoted", **meta}
 
 
 def run_drift_loop(instance, traffic: TrafficGenerator, wait_s: float, *, daemon: Daemon) -> dict:
@@ -387,7 +446,7 @@ def run_drift_loop(instance, traffic: TrafficGenerator, wait_s: float, *, daemon
     model = _latest_meta(instance, ["models", "fraud_detector"], retrain.run_id)
     version = str(model.get("version"))
     _say(f"[demo] retrained on recent traffic: v{version}; waiting for its canary")
-    run = wait_for_sensor_run(instance, version, daemon=daemon)
+    run = wait_for_sensor_run(instance, "fraud-detector", version, daemon=daemon)
     follow_run(instance, run.run_id, run.job_name, allow_failure=True, daemon=daemon)
     outcome = _rollout_metadata(instance, run.run_id, "fraud_detector")
     after_id = launch_and_wait(instance, "monitor_drift_job", daemon=daemon)
@@ -514,6 +573,9 @@ def demo(args: argparse.Namespace) -> int:
     # locks their creation, for processes started by hand); a broken instance fails here, not in the daemon.
     instance = DagsterInstance.get()
     create_storage(instance, dagster_home)
+    # MLflow's store too: the registry sensor (in the daemon) and the team's script would otherwise
+    # both create and migrate a fresh SQLite store at once, and MLflow's migrations do not lock.
+    _say(f"[demo] MLflow backend store ready: {prepare_mlflow_store(settings)}")
     daemon = Daemon(settings.home / "logs" / "dagster-daemon.log", instance)
     _say(f"[demo] dagster-daemon started (pid {daemon.proc.pid}); log {daemon.log_file}")
     platform = LocalPlatform(home=str(settings.home))
@@ -521,6 +583,8 @@ def demo(args: argparse.Namespace) -> int:
     try:
         waited = daemon.wait_until_ready()
         _say(f"[demo] dagster-daemon is up: heartbeats from {', '.join(WATCHED_DAEMONS)} after {waited:.1f}s")
+        team_v1 = register_team_version(settings, seed=1)
+        _say(f"[demo] a team registered its own model {TEAM_MODEL} v{team_v1} with a plain MLflow script ({TEAM_SCRIPT.name})")
         launch_and_wait(instance, "lifecycle_job", daemon=daemon)
         status = platform.status("fraud-detector")
         _say(f"[demo] sending {args.requests} requests to {status.url}")
@@ -531,6 +595,7 @@ def demo(args: argparse.Namespace) -> int:
             traffic = TrafficGenerator(platform, "fraud-detector", rate=args.rate, success=AB_SUCCESS).start()
             _say(f"[demo] background users: ~{args.rate:.0f} requests/s with sticky user keys and A/B feedback")
             drills = run_drills(instance, settings, platform, "fraud-detector", "fraud_detector", daemon=daemon)
+            drills.append(run_team_drill(instance, settings, platform, daemon=daemon))
             from mlops_assets.core.platform import services as platform_services
 
             if platform_services.prometheus_binary() is None:

@@ -244,7 +244,7 @@ def build_serving_asset(declaration: ModelDeclaration) -> dg.AssetsDefinition:
                 if config.version
                 else mlflow.version_by_alias(model_name, CHALLENGER)
             )
-        except AliasNotSetError as exc:
+        except ModelNotFoundError as exc:  # the alias is not set, or the model is not registered yet
             raise dg.Failure(
                 f"{strategy} rollout of {model_name}: which version? No version has the alias '{CHALLENGER}' ({exc}). "
                 f"Set the alias in MLflow, or pass the version as run config: "
