@@ -153,7 +153,7 @@ def test_a_daemon_that_stops_heartbeating_stops_the_demos_waits(tmp_path, monkey
         os.killpg(daemon.proc.pid, signal.SIGSTOP)  # alive, but silent
         stopped = time.monotonic()
         with pytest.raises(SystemExit) as failure:
-            wait_for_sensor_run(instance, "never-registered", timeout_s=120, daemon=daemon)
+            wait_for_sensor_run(instance, "fraud-detector", "never-registered", timeout_s=120, daemon=daemon)
         assert time.monotonic() - stopped < 30
         message = str(failure.value)
         assert f"dagster-daemon (pid {daemon.proc.pid}) is running but its " in message
