@@ -19,8 +19,7 @@ from mlops_assets_tests.conftest import processes_under
 
 ALL_ASSETS, ALL_CHECKS = unbound_assets_and_checks()
 
-# Real servers, no latency judged (no SLO decision rests on timing here): it runs beside the demo.
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.latency]
 
 
 @pytest.fixture(scope="module")

@@ -374,50 +374,6 @@ def run_drills(instance, settings: Settings, platform, isvc: str, model: str, *,
     return results
 
 
-#: A team's own model: trained and registered by a plain script, served because it is declared
-#: (defs/models/delivery_time/defs.yaml).
-TEAM_MODEL, TEAM_ISVC = "delivery_time", "delivery-time"
-TEAM_SCRIPT = PROJECT_ROOT / "examples" / "delivery_time" / "train_and_register.py"
-
-
-def register_team_version(settings: Settings, seed: int) -> str:
-    """Run the team's script as the team would; it registers a version with MLflow's API only."""
-    out = subprocess.run(
-        [sys.executable, str(TEAM_SCRIPT), "--tracking-uri", settings.mlflow_tracking_uri, "--seed", str(seed)],
-        cwd=settings.home,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if out.returncode != 0:
-        raise SystemExit(f"{TEAM_SCRIPT} failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
-    return out.stdout.strip().splitlines()[-1].split()[3]
-
-
-def run_team_drill(instance, settings: Settings, platform, *, daemon: Daemon) -> dict:
-    """The team registers v2 of its own model; the sensor rolls it out with its declared strategy."""
-    import json
-
-    from mlops_assets.core.model_artifacts import input_example
-    from mlops_assets.core.registry import MlflowRegistry
-
-    version = register_team_version(settings, seed=2)
-    _say(f"\n[demo] a team registered {TEAM_MODEL} v{version} with its own script; waiting for mlflow_registry_sensor")
-    registry = MlflowRegistry(tracking_uri=settings.mlflow_tracking_uri, artifact_root=str(settings.mlflow_artifact_root))
-    rows = json.loads(input_example(registry, registry.get_version(TEAM_MODEL, version)).to_json(orient="records"))
-    users = TrafficGenerator(platform, TEAM_ISVC, rate=25, rows=rows).start()
-    try:
-        run = wait_for_sensor_run(instance, TEAM_ISVC, version, daemon=daemon)
-        _say(f"[dagster] sensor launched {run.job_name} run {run.run_id[:8]} for {TEAM_MODEL} v{version}")
-        status = follow_run(instance, run.run_id, run.job_name, allow_failure=True, daemon=daemon)
-    finally:
-        users.stop()
-    meta = _rollout_metadata(instance, run.run_id, TEAM_MODEL)
-    _say(f"[demo] {TEAM_MODEL} v{version}: {meta.get('rollout_outcome')} in {meta.get('time_to_decision_s')}s")
-    drill = f"{TEAM_MODEL} v{version} (a team's own model, own script), declared blue-green"
-    return {"drill": drill, "version": version, "job": run.job_name, "run_status": status, "expected": "promoted", **meta}
-
-
 def run_drift_loop(instance, traffic: TrafficGenerator, wait_s: float, *, daemon: Daemon) -> dict:
     """Shift the users' data, let the drift report flag it, and follow the loop the sensors close:
     ModelDriftDetected -> retrain_job on recent traffic -> canary of the new version -> promotion."""
@@ -583,8 +539,6 @@ def demo(args: argparse.Namespace) -> int:
     try:
         waited = daemon.wait_until_ready()
         _say(f"[demo] dagster-daemon is up: heartbeats from {', '.join(WATCHED_DAEMONS)} after {waited:.1f}s")
-        team_v1 = register_team_version(settings, seed=1)
-        _say(f"[demo] a team registered its own model {TEAM_MODEL} v{team_v1} with a plain MLflow script ({TEAM_SCRIPT.name})")
         launch_and_wait(instance, "lifecycle_job", daemon=daemon)
         status = platform.status("fraud-detector")
         _say(f"[demo] sending {args.requests} requests to {status.url}")
@@ -595,7 +549,6 @@ def demo(args: argparse.Namespace) -> int:
             traffic = TrafficGenerator(platform, "fraud-detector", rate=args.rate, success=AB_SUCCESS).start()
             _say(f"[demo] background users: ~{args.rate:.0f} requests/s with sticky user keys and A/B feedback")
             drills = run_drills(instance, settings, platform, "fraud-detector", "fraud_detector", daemon=daemon)
-            drills.append(run_team_drill(instance, settings, platform, daemon=daemon))
             from mlops_assets.core.platform import services as platform_services
 
             if platform_services.prometheus_binary() is None:
