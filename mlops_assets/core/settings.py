@@ -17,8 +17,12 @@ from pathlib import Path
 LOCAL = "local"
 KUBERNETES = "kubernetes"
 ENVIRONMENTS = (LOCAL, KUBERNETES)
-#: Where `PrometheusMetrics` finds request counts: the local router, Knative's queue-proxy or Istio.
+#: Where `PrometheusMetrics` finds request counts: the local router, Knative's queue-proxy (1.19+) or Istio.
 METRICS_SOURCES = ("router", "knative", "istio")
+#: The source on a cluster unless MLOPS_METRICS_SOURCE says otherwise: the Istio sidecars, which the
+#: cluster path requires anyway; Knative's queue-proxy metrics are off until config-observability turns
+#: them on (k8s/metrics/README.md).
+KUBERNETES_METRICS_SOURCE = "istio"
 
 #: The namespace of the InferenceServices (MLOPS_NAMESPACE): `mlops-serving` in k8s/ (the InferenceServices,
 #: the rollout Role and the `mlops-env` ConfigMap); the platform itself runs in `mlops`.
@@ -60,7 +64,7 @@ VARIABLES: dict[str, str] = {
     "MLOPS_MLFLOW_UI_PORT": "5055",
     "MLOPS_PROMETHEUS_PORT": "9095",
     "MLOPS_PROMETHEUS_URL": "(local: the embedded Prometheus, if installed)",
-    "MLOPS_METRICS_SOURCE": "router (kubernetes: knative)",
+    "MLOPS_METRICS_SOURCE": f"router (kubernetes: {KUBERNETES_METRICS_SOURCE})",
     "MLOPS_NAMESPACE": DEFAULT_NAMESPACE,
     "MLOPS_K8S_MANIFESTS": "k8s/overlays/prod (kubernetes: the kustomization the platform assets apply)",
     "MLOPS_RECENT_WINDOW_S": "3600",
@@ -140,7 +144,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     home = Path(environ.get("MLOPS_HOME", VARIABLES["MLOPS_HOME"])).expanduser().resolve()
     tracking = environ.get("MLOPS_MLFLOW_TRACKING_URI") or f"sqlite:///{home}/mlflow/mlflow.db"
     prometheus_port = _port(environ, "MLOPS_PROMETHEUS_PORT")
-    metrics_source = (environ.get("MLOPS_METRICS_SOURCE") or ("knative" if env == KUBERNETES else "router")).strip().lower()
+    default_source = KUBERNETES_METRICS_SOURCE if env == KUBERNETES else "router"
+    metrics_source = (environ.get("MLOPS_METRICS_SOURCE") or default_source).strip().lower()
     if metrics_source not in METRICS_SOURCES:
         raise SettingsError(f"MLOPS_METRICS_SOURCE={metrics_source!r}: expected one of {', '.join(METRICS_SOURCES)}")
     rollout = {}

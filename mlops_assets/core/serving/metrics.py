@@ -2,8 +2,10 @@
 
 `ScrapeMetrics` reads the local routers' `/metrics` directly (the embedded default, no Prometheus
 needed). `PrometheusMetrics` asks a Prometheus for the same counts, from one of three sources: the
-local router (`router`), Knative's queue-proxy (`knative`, always there with KServe serverless) or
-the Istio sidecars (`istio`). Counters are cumulative; a window is the difference of two snapshots.
+local router (`router`), the Istio sidecars (`istio`, the default on a cluster: the mesh is required
+there anyway) or Knative's queue-proxy (`knative`, Knative 1.19+ OpenTelemetry metrics, off unless
+the cluster turns them on). What each cluster source needs is in k8s/metrics/README.md. Counters are
+cumulative; a window is the difference of two snapshots.
 """
 
 from __future__ import annotations
@@ -157,6 +159,8 @@ class MetricsSourceSpec:
 
 
 #: Defaults per `PrometheusMetrics.source`; each name can still be overridden on the resource.
+#: The cluster sources were read off the releases KServe 0.21 pins (kserve-deps.env: Knative 1.21.1,
+#: Istio 1.27.1); k8s/metrics/README.md cites the upstream files.
 SOURCE_SPECS: dict[str, MetricsSourceSpec] = {
     # The local router: `mlops_router_*{isvc, revision, code}`, latency in seconds.
     "router": MetricsSourceSpec(
@@ -168,23 +172,31 @@ SOURCE_SPECS: dict[str, MetricsSourceSpec] = {
         le_per_second=1.0,
         needs_namespace=False,
     ),
-    # Knative's queue-proxy: `revision_*{namespace_name, configuration_name, revision_name, response_code}`, ms.
+    # Knative >= 1.19 queue-proxy (pkg/queue/request_metric.go): one OpenTelemetry histogram,
+    # `kn.serving.invocation.duration` in seconds with the attribute `http.response.status_code`; its
+    # Prometheus exporter (knative.dev/pkg observability/metrics, UnderscoreEscapingWithSuffixes) names
+    # it `kn_serving_invocation_duration_seconds_{bucket,count,sum}{http_response_status_code}`. The
+    # revision is a *resource* attribute (`kn.revision.name`, pkg/queue/sharedmain/otel.go), which that
+    # exporter puts on `target_info` only: the queries join it on (job, instance). Requests are the
+    # histogram's `_count`: there is no separate request counter.
     "knative": MetricsSourceSpec(
-        requests_metric="revision_request_count",
-        latency_metric="revision_request_latencies_bucket",
+        requests_metric="kn_serving_invocation_duration_seconds_count",
+        latency_metric="kn_serving_invocation_duration_seconds_bucket",
         feedback_metric="",
-        revision_label="revision_name",
-        code_label="response_code",
-        le_per_second=1000.0,
+        revision_label="kn_revision_name",
+        code_label="http_response_status_code",
+        le_per_second=1.0,
         needs_namespace=True,
     ),
-    # Istio's sidecar (reporter="destination"): the revision is `destination_workload` minus
-    # "-deployment", copied into `revision_label` by label_replace; latency in ms.
+    # Istio 1.27 sidecars (istio/proxy istio_stats.cc), reporter="destination": the predictor pod's own
+    # sidecar. `destination_app` is the pod's `app` label, which Knative sets to the revision name
+    # (revision/resources/meta.go); `destination_workload` is the Deployment `<revision>-deployment`,
+    # hashed by kmeta.ChildName past 63 characters, so it cannot name the revision. Latency in ms.
     "istio": MetricsSourceSpec(
         requests_metric="istio_requests_total",
         latency_metric="istio_request_duration_milliseconds_bucket",
         feedback_metric="",
-        revision_label="revision",
+        revision_label="destination_app",
         code_label="response_code",
         le_per_second=1000.0,
         needs_namespace=True,
@@ -210,11 +222,14 @@ def validate_namespace(value: str) -> str:
 class PrometheusMetrics(MetricsSource):
     """PromQL over Prometheus's HTTP API: the same queries for the embedded Prometheus and a cluster's.
 
-    `source` picks the metric names: `router` (the local router, the default), `knative` (KServe
-    serverless: queue-proxy's `revision_request_*`, in `namespace`) or `istio` (the sidecars'
-    `istio_request*` with reporter="destination", in `namespace`). Empty name fields mean "the
-    source's default"; latency bounds are always returned in seconds. Only the router has A/B
-    feedback outcomes.
+    `source` picks the metric names (see SOURCE_SPECS): `router` (the local router, the default
+    locally), `istio` (the predictor pods' sidecars, reporter="destination", the default on a cluster)
+    or `knative` (Knative 1.19+ queue-proxy OpenTelemetry metrics, joined to `target_info` for the
+    revision). Both cluster sources select the InferenceService `isvc` in `namespace` by what KServe
+    and Knative name it: the Knative Configuration `<isvc>-predictor` and its revisions
+    `<isvc>-predictor-NNNNN`. Empty name fields mean "the source's default"; latency bounds are always
+    returned in seconds. Only the router has A/B feedback outcomes. The settings each cluster source
+    needs (scrape jobs, Knative's `request-metrics-protocol`) are in k8s/metrics/.
     """
 
     url: str
@@ -300,22 +315,23 @@ class PrometheusMetrics(MetricsSource):
                 "latency": f"sum by ({rev}, le) ({spec.latency_metric}{{{sel}}})",
                 "feedback": f"sum by ({rev}, outcome) ({spec.feedback_metric}{{{sel}}})",
             }
+        predictor = f"{isvc}-predictor"  # KServe's Knative Service (constants.PredictorServiceName)
         if self.source == "knative":
-            sel = f'namespace_name="{self.namespace}", configuration_name="{isvc}-predictor"'
+            # The revision and namespace live on target_info (resource attributes); every series of a
+            # queue-proxy shares its (job, instance) with that pod's one target_info.
+            info = f'target_info{{k8s_namespace_name="{self.namespace}", kn_configuration_name="{predictor}"}}'
+            join = f"* on (job, instance) group_left ({rev}) {info}"
             return {
-                "requests": f"sum by ({rev}, {code}) ({spec.requests_metric}{{{sel}}})",
-                "latency": f"sum by ({rev}, le) ({spec.latency_metric}{{{sel}}})",
+                "requests": f"sum by ({rev}, {code}) ({spec.requests_metric} {join})",
+                "latency": f"sum by ({rev}, le) ({spec.latency_metric} {join})",
             }
-        sel = (
-            f'reporter="destination", destination_workload_namespace="{self.namespace}", '
-            f'destination_workload=~"{isvc}-predictor-[0-9]+-deployment"'
-        )
-
-        def by_revision(metric: str, by: str) -> str:
-            relabelled = f'label_replace({metric}{{{sel}}}, "{rev}", "$1", "destination_workload", "(.*)-deployment")'
-            return f"sum by ({rev}, {by}) ({relabelled})"
-
-        return {"requests": by_revision(spec.requests_metric, code), "latency": by_revision(spec.latency_metric, "le")}
+        # Revisions are `<configuration>-NNNNN` (Knative: kmeta.ChildName(config, "-%05d")); PromQL
+        # regexes are anchored, and a DNS-1035 name has nothing to escape.
+        sel = f'reporter="destination", destination_workload_namespace="{self.namespace}", {rev}=~"{predictor}-[0-9]+"'
+        return {
+            "requests": f"sum by ({rev}, {code}) ({spec.requests_metric}{{{sel}}})",
+            "latency": f"sum by ({rev}, le) ({spec.latency_metric}{{{sel}}})",
+        }
 
     def revision_counts(self, isvc: str, router_url: str) -> dict[str, RevisionCounts]:
         q = self.queries(isvc)
