@@ -166,7 +166,13 @@ class KServeController:
                 predictor["previousRolledoutRevision"] = rolled
             predictor["latestRolledoutRevision"] = created
         predictor["traffic"] = traffic
-        status["url"] = predictor["url"] = f"http://{name}-{namespace}.mlops.example.com"
+        # Knative's service URL and address; KServe's ingress reconciler then gives the InferenceService the
+        # ingress' urlScheme on the external domain (https in k8s/base/kserve) and a plain-HTTP in-cluster
+        # address (ingress_reconciler.go), which is what calls from inside the cluster must use.
+        predictor["url"] = f"http://{name}-predictor-{namespace}.mlops.example.com"
+        predictor["address"] = {"url": f"http://{name}-predictor.{namespace}.svc.cluster.local"}
+        status["url"] = f"https://{name}-{namespace}.mlops.example.com"
+        status["address"] = {"url": f"http://{name}.{namespace}.svc.cluster.local"}
         status["conditions"] = [{"type": t, "status": "True"} for t in ("IngressReady", "PredictorReady", "Ready")]
         self._write(obj, status)
 
@@ -246,7 +252,8 @@ def test_deploy_creates_the_service_and_waits_until_ready(cluster, platform):
     assert status.ready and status.namespace == NS
     assert status.latest_created == status.latest_ready == status.latest_rolledout == rev(1)
     assert status.traffic == [{"revisionName": rev(1), "percent": 100, "latestRevision": True, "tag": "latest"}]
-    assert status.stable_version == "1" and status.url == f"http://{NAME}-{NS}.mlops.example.com"
+    assert status.stable_version == "1" and status.url == f"https://{NAME}-{NS}.mlops.example.com"
+    assert status.address == f"http://{NAME}.{NS}.svc.cluster.local"
     assert status.revisions[rev(1)] == {"model_version": "1", "status": "ready", "storage_uri": uri("1"), "run_id": "run1"}
     # Over the wire: a GET that finds nothing, discovery, one POST of the manifest (in the platform's
     # namespace, not the Deployment's "mlops"), then GETs until KServe reports the rollout done.
@@ -616,15 +623,18 @@ def test_the_cluster_gets_the_logger_the_service_account_and_a_storage_uri_kserv
 
 
 def test_blue_green_reaches_green_through_kserves_tag_route(cluster, platform):
-    """The manifest turns KServe's tag routing on; green at 0% then has its own `latest-` URL, which is what
-    `run_blue_green` validates through (locally the router's /latest prefix plays that part)."""
+    """The manifest turns KServe's tag routing on; green at 0% then has its own `latest-` route, which is what
+    `run_blue_green` validates through (locally the router's /latest prefix plays that part). From inside the
+    cluster that is Knative's cluster-local `latest-<route>` Service (knative/docs docs/serving/using-subroutes.md);
+    the traffic target's `url` (the external domain) stays for display."""
     platform.apply(manifest_for("1"))
     status = platform.apply(manifest_for("2", canary=0))
     assert cluster.stored()["metadata"]["annotations"]["serving.kserve.io/enable-tag-routing"] == "true"
     assert status.percent_of(rev(2)) == 0 and status.percent_of(rev(1)) == 100
-    assert status.predict_url("v1", tag="latest") == (
-        f"http://latest-{NAME}-predictor-{NS}.mlops.example.com/v1/models/{NAME}:predict"
+    assert status.predict_url("v2", tag="latest") == (
+        f"http://latest-{NAME}-predictor.{NS}.svc.cluster.local/v2/models/{NAME}/infer"
     )
+    assert status.tag_addresses["prev"] == f"http://prev-{NAME}-predictor.{NS}.svc.cluster.local"
     assert status.tag_urls["prev"] == f"http://prev-{NAME}-predictor-{NS}.mlops.example.com"
     with pytest.raises(RolloutStateError, match="no 'blue' tag URL"):
         status.predict_url("v1", tag="blue")

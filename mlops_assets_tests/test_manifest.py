@@ -23,7 +23,7 @@ BASE = dict(model_name="fraud_detector", version="3", storage_uri="s3://mlflow/1
         {},
         {"canary_percent": 10},
         {"canary_percent": 0},
-        {"protocol": "v1", "min_replicas": 0, "max_replicas": 1},
+        {"model_format": "sklearn", "protocol": "v1", "min_replicas": 0, "max_replicas": 1},
         {"scale_metric": "rps", "scale_target": 50, "requests": {"cpu": "100m"}, "limits": {"memory": "512Mi"}},
         {"storage_uri": "file:///tmp/artifacts/model", "namespace": "team-a", "rollout_id": "r-1", "triggered_by": "sensor"},
     ],
@@ -72,6 +72,7 @@ def test_model_names_map_to_valid_isvc_names():
         ({"canary_percent": 101}, "canary percent"),
         ({"canary_percent": -1}, "canary percent"),
         ({"protocol": "grpc"}, "protocol"),
+        ({"protocol": "v1"}, "only over v2.*no runtime"),  # MLflow models: kserve-mlserver, V2 only
         ({"min_replicas": 3, "max_replicas": 1}, "replicas"),
         ({"namespace": "Bad_NS"}, "namespace"),
         ({"requests": {"cpu": "lots"}}, "quantity"),

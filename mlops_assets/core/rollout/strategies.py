@@ -271,12 +271,22 @@ def run_canary(ctx: RolloutContext, manifest: dict, thresholds: Thresholds) -> R
     )
 
 
-def _post(url: str, body: bytes, headers: dict | None = None, timeout: float = 10.0) -> int:
-    headers = {"content-type": "application/json", **(headers or {})}
+def _validation_answer(url: str, body: bytes, protocol: str, rows: int, timeout: float = 10.0) -> int:
+    """One validation request: its HTTP status, or 0 for a 200 that is not one prediction per row in
+    `protocol` (599: no answer at all)."""
+    from mlops_assets.core.serving.payloads import predictions_in
+
     try:
-        return http.request(url, body=body, headers=headers, timeout=timeout).status
+        response = http.request(url, body=body, headers={"content-type": "application/json"}, timeout=timeout)
     except http.HttpUnavailableError:
         return 599
+    if response.status != 200:
+        return response.status
+    try:
+        answer = json.loads(response.body or b"{}")
+    except ValueError:
+        return 0
+    return 200 if isinstance(answer, dict) and predictions_in(answer, protocol) == rows else 0
 
 
 @guarded
@@ -288,23 +298,39 @@ def run_blue_green(
     validation_requests: int = 50,
 ) -> RolloutResult:
     """Green at 0% next to blue; validate green through its `latest` tag route; switch all traffic
-    at once; keep blue warm until the post-switch analysis passes; roll back instantly if not."""
+    at once; keep blue warm until the post-switch analysis passes; roll back instantly if not.
+
+    Validation speaks the protocol the manifest declares (a V1 `validation_body` is sent as the V2 body of
+    the same rows where the runtime speaks V2 only) and counts every answer but a 200 with one prediction per
+    row as a failure: a 404 means green does not serve that endpoint, which is no pass."""
+    from mlops_assets.core.serving.manifest import protocol_of
+    from mlops_assets.core.serving.payloads import as_protocol, rows_in
+
     ctx.started = ctx.clock()
     status, green, blue, unchanged = _deploy_candidate(ctx, manifest, 0, "blue_green")
     if unchanged is not None:
         return unchanged
     start_counts = ctx.counts(status.url)
     ctx.event("green_deployed", status, {"green": green, "blue": blue, "reason": "green at 0%, blue serves"}, 0)
-    tag_url = status.predict_url("v1", tag="latest")  # only green answers there (KServe's tag routing)
-    codes = [_post(tag_url, validation_body) for _ in range(validation_requests)]
-    errors = sum(c >= 500 for c in codes)
+    protocol = protocol_of(manifest)
+    request = as_protocol(json.loads(validation_body), protocol)
+    body, rows = json.dumps(request).encode(), rows_in(request)
+    tag_url = status.predict_url(protocol, tag="latest")  # only green answers there (KServe's tag routing)
+    codes = [_validation_answer(tag_url, body, protocol, rows) for _ in range(validation_requests)]
+    errors = sum(c != 200 for c in codes)
     after = ctx.counts(status.url)
     green_counts = _diff(after, start_counts or {}, green) if after is not None else RevisionCounts()
     p95 = green_counts.latency_quantile(0.95)
     evidence = {
         "validation_requests": validation_requests,
+        "validation_protocol": protocol,
+        "validation_url": tag_url,
+        # Every answer that is not a 200 with one prediction per row: 5xx, 4xx (a 404 is a missing
+        # endpoint), no answer, or a 200 of the wrong shape.
         "validation_errors": errors,
+        "validation_server_errors": sum(c >= 500 for c in codes),
         "validation_client_errors": sum(400 <= c < 500 for c in codes),
+        "validation_bad_answers": sum(c == 0 for c in codes),
         "green_p95_s": p95,
         "max_error_rate": thresholds.max_error_rate,
         "max_p95_latency_s": thresholds.max_p95_latency_s,

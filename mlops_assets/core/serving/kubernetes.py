@@ -591,10 +591,13 @@ def _service_status(obj: dict) -> ServiceStatus:
             "run_id": info.get("run_id", ""),
         }
     ready_now = _is_ready(obj)
+    tags = [t["tag"] for t in predictor.get("traffic") or [] if t.get("tag")]
     return ServiceStatus(
         name=meta["name"],
         namespace=meta.get("namespace", ""),
         url=(obj.get("status") or {}).get("url") or "",
+        address=_address_url(obj.get("status") or {}),
+        tag_addresses=_tag_addresses(_address_url(predictor), tags),
         ready=ready_now,
         traffic=traffic,
         latest_created=created,
@@ -607,6 +610,26 @@ def _service_status(obj: dict) -> ServiceStatus:
         # With serving.kserve.io/enable-tag-routing, Knative gives each tagged traffic target its own URL.
         tag_urls={t["tag"]: t["url"].rstrip("/") for t in predictor.get("traffic") or [] if t.get("tag") and t.get("url")},
     )
+
+
+def _address_url(status: dict) -> str:
+    """`address.url` of a status (KServe's, or a component's): the plain-HTTP in-cluster URL. KServe's
+    ingress reconciler sets the InferenceService's to http://<name>.<namespace>.svc.cluster.local whatever
+    the ingress' urlScheme (kserve/kserve pkg/controller/v1beta1/inferenceservice/reconcilers/ingress/
+    ingress_reconciler.go), while `status.url` carries that scheme on the external domain."""
+    return (((status.get("address") or {}).get("url")) or "").rstrip("/")
+
+
+def _tag_addresses(predictor_address: str, tags: list[str]) -> dict[str, str]:
+    """Tag -> in-cluster URL of the tagged revision. Knative names a tagged target `<tag>-<route>` (its
+    default tag-template, knative/serving pkg/reconciler/route/domains/domains.go HostnameFromTemplate) and
+    makes that a cluster-local Service in the route's namespace (knative/docs docs/serving/using-subroutes.md),
+    so the predictor's address `http://<route>.<ns>.svc.cluster.local` becomes `http://<tag>-<route>....`.
+    The traffic targets' own `url` is the external domain's, as `status.url` is."""
+    scheme, sep, host = predictor_address.partition("://")
+    if not sep or not host:
+        return {}
+    return {tag: f"{scheme}://{tag}-{host}" for tag in tags}
 
 
 def _waiting_for(status: ServiceStatus, expect: _Expectation) -> str:

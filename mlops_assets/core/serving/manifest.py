@@ -135,6 +135,29 @@ class Deployment:
 
 
 TAG_ROUTING = "serving.kserve.io/enable-tag-routing"
+# The pod annotations every InferenceService carries for the mesh and the scrape job (KServe copies the
+# InferenceService's annotations into the Knative revision template, so they reach the predictor pods;
+# LocalPlatform ignores them). Istio (istio/api annotation/annotations.yaml):
+# - prometheus.istio.io/merge-metrics "false": otherwise the sidecar injector rewrites the pod's
+#   prometheus.io/port to its own merged endpoint on 15020, which neither the `mlops-serving` scrape job
+#   nor the NetworkPolicies allow;
+# - sidecar.istio.io/nativeSidecar "true": the proxy starts first, as an init container, so KServe's
+#   storage initializer (itself an init container) can reach MinIO through the mesh.
+# KServe (pkg/webhook/admission/pod/metrics_aggregate_injector.go): the pod annotation
+# serving.kserve.io/enable-metric-aggregation wins over the inferenceservice-config ConfigMap. "true"
+# points prometheus.io/port at 9088, which only KServe's `qpext` queue-proxy image serves (Knative's
+# queue sidecar image must be replaced by it in config-deployment); nothing here installs qpext, so
+# aggregation is off and prometheus.io/port is the queue-proxy's own 9091.
+MESH_ANNOTATIONS = {
+    "prometheus.istio.io/merge-metrics": "false",
+    "sidecar.istio.io/nativeSidecar": "true",
+    "serving.kserve.io/enable-metric-aggregation": "false",
+}
+# The protocols KServe's ServingRuntimes speak per model format, for the formats this project serves
+# (kserve/kserve config/runtimes/*.yaml `protocolVersions`): an MLflow model is served only by
+# kserve-mlserver, which speaks V2 only. KServe picks a runtime that supports both the format and the
+# InferenceService's protocolVersion (ModelSpec.GetSupportingRuntimes), so mlflow with v1 finds none.
+RUNTIME_PROTOCOLS = {"mlflow": ("v2",), "sklearn": ("v1", "v2"), "xgboost": ("v1", "v2"), "lightgbm": ("v1", "v2")}
 
 
 def build_inference_service(d: Deployment) -> dict:
@@ -146,6 +169,12 @@ def build_inference_service(d: Deployment) -> dict:
     validate_storage_uri(d.storage_uri)
     if d.protocol not in ("v1", "v2"):
         raise ManifestError(f"protocol must be 'v1' or 'v2', got {d.protocol!r}")
+    spoken = RUNTIME_PROTOCOLS.get(d.model_format)
+    if spoken is not None and d.protocol not in spoken:
+        raise ManifestError(
+            f"KServe serves model format {d.model_format!r} only over {', '.join(spoken)} (its ServingRuntime's"
+            f" protocolVersions); protocol {d.protocol!r} would find no runtime"
+        )
     if d.canary_percent is not None and not (isinstance(d.canary_percent, int) and 0 <= d.canary_percent <= 100):
         raise ManifestError(f"canary percent must be an integer 0-100, got {d.canary_percent!r}")
     if not 0 <= d.min_replicas <= d.max_replicas or d.max_replicas < 1:
@@ -180,6 +209,7 @@ def build_inference_service(d: Deployment) -> dict:
         # KServe gives the latest and the previous revision their own hostnames (latest-..., prev-...):
         # blue-green validates green there before it takes any user traffic.
         TAG_ROUTING: "true",
+        **MESH_ANNOTATIONS,
     }
     return {
         "apiVersion": API_VERSION,
@@ -216,6 +246,13 @@ def check_inference_service(manifest: dict) -> dict:
     if pct is not None and not (isinstance(pct, int) and not isinstance(pct, bool) and 0 <= pct <= 100):
         raise ManifestError(f"spec.predictor.canaryTrafficPercent must be an integer 0-100, got {pct!r}")
     return copy.deepcopy(manifest)
+
+
+def protocol_of(manifest: dict) -> str:
+    """The inference protocol the manifest declares ("v1" or "v2"): what its runtime speaks, and so what
+    checks and validations must send. Unset is V1, as in KServe (ModelSpec.GetProtocol)."""
+    model = ((manifest.get("spec") or {}).get("predictor") or {}).get("model") or {}
+    return model.get("protocolVersion") or "v1"
 
 
 def predictor_identity(manifest: dict) -> dict:

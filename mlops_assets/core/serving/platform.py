@@ -70,6 +70,12 @@ class ServiceStatus:
     message: str = ""
     #: Tag -> base URL that reaches only that revision ("latest", "prev"): KServe's tag routing.
     tag_urls: dict[str, str] = field(default_factory=dict)
+    #: Where calls from inside the cluster go (KServe's `status.address.url`, plain HTTP through the mesh's
+    #: local gateway); "" where `url` itself is reachable, as on the local platform. `url` carries the
+    #: ingress' urlScheme and external domain, so on a cluster it is for display only.
+    address: str = ""
+    #: Tag -> in-cluster base URL of that revision (Knative's `<tag>-<route>.<namespace>.svc.cluster.local`).
+    tag_addresses: dict[str, str] = field(default_factory=dict)
 
     def percent_of(self, revision: str | None) -> int:
         return sum(t["percent"] for t in self.traffic if t["revisionName"] == revision)
@@ -81,13 +87,22 @@ class ServiceStatus:
     def stable_version(self) -> str | None:
         return self.version_of(self.latest_rolledout)
 
+    def base_url(self, tag: str | None = None) -> str:
+        """The base URL a call from here uses (the in-cluster address where the platform publishes one);
+        with `tag`, the one that reaches only that tagged revision ("" if there is none)."""
+        if tag is None:
+            return self.address or self.url
+        return self.tag_addresses.get(tag) or ("" if self.address else self.tag_urls.get(tag, ""))
+
     def predict_url(self, protocol: str = "v1", tag: str | None = None) -> str:
-        """The predict endpoint; with `tag`, the one that reaches only that tagged revision."""
-        base = self.url if tag is None else self.tag_urls.get(tag)
+        """The endpoint of `protocol` ("v1" predict, "v2" infer); with `tag`, the one that reaches only that
+        tagged revision. Built on `base_url`, so in a cluster it is the in-cluster address."""
+        base = self.base_url(tag)
+        if not base and tag is None:
+            raise RolloutStateError(f"{self.name} has no URL yet: {self.message or 'not ready'}")
         if not base:
-            raise RolloutStateError(
-                f"{self.name} has no {tag!r} tag URL (tags: {sorted(self.tag_urls)}); is tag routing enabled?"
-            )
+            tags = sorted(self.tag_addresses or self.tag_urls)
+            raise RolloutStateError(f"{self.name} has no {tag!r} tag URL (tags: {tags}); is tag routing enabled?")
         return f"{base}/v1/models/{self.name}:predict" if protocol == "v1" else f"{base}/v2/models/{self.name}/infer"
 
 

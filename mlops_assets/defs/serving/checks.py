@@ -1,6 +1,6 @@
 """The blocking checks of `serving/<name>`: they gate `models/<name>_champion` (the promotion).
 
-`predictor_answers`: the InferenceService answers valid V1 and V2 requests. `error_rate` and
+`predictor_answers`: the InferenceService answers a valid request in the protocol its manifest declares. `error_rate` and
 `p95_latency`: the newest revision is within the rollout policy's thresholds, and no rollout rolled it
 back for that reason. Each carries the observed value, the threshold and the query in its metadata;
 metrics that cannot be read fail the check, and no requests yet is a warning, never a pass.
@@ -35,29 +35,38 @@ def build_serving_checks(declaration: ModelDeclaration) -> list[dg.AssetChecksDe
 
     @dg.asset_check(asset=key, name=CHECK_PREDICTOR_ANSWERS, blocking=True)
     def _answers(serving: dg.ResourceParam[ServingPlatform], mlflow: dg.ResourceParam[MlflowRegistry]) -> dg.AssetCheckResult:
-        """The InferenceService answers the serving version's logged input example, sent as V1 and
-        V2 requests, with 200 and one prediction per row."""
+        """The InferenceService answers the serving version's logged input example, sent in the protocol
+        its manifest declares (on a cluster, the only one its ServingRuntime speaks: V2 for MLflow models),
+        with 200 and one prediction per row. Sent to the in-cluster address on a cluster."""
         from mlops_assets.core.model_artifacts import ModelArtifactMissingError, input_example
-        from mlops_assets.core.serving.payloads import v1_payload, v2_payload
+        from mlops_assets.core.serving.manifest import protocol_of
+        from mlops_assets.core.serving.payloads import payload_for, predictions_in
 
         if isvc not in serving.list_services():
             return not_served_yet(isvc)
         status = serving.status(isvc)
+        protocol = protocol_of(serving.manifest(isvc))
         try:
             frame = input_example(mlflow, mlflow.get_version(model_name, status.stable_version))
         except ModelArtifactMissingError as exc:
             return dg.AssetCheckResult(
                 passed=False, severity=dg.AssetCheckSeverity.ERROR, metadata={"error": str(exc), "url": status.url}
             )
-        v1_code, v1_body = http_json(status.predict_url("v1"), v1_payload(frame))
-        v2_code, v2_body = http_json(status.predict_url("v2"), v2_payload(frame))
-        n_v1 = len(v1_body.get("predictions", []))
-        n_v2 = len((v2_body.get("outputs") or [{}])[0].get("data", []))
-        passed = v1_code == 200 and v2_code == 200 and n_v1 == n_v2 == len(frame)
+        url = status.predict_url(protocol)
+        code, body = http_json(url, payload_for(frame, protocol))
+        scores = predictions_in(body, protocol) if code == 200 else 0
         return dg.AssetCheckResult(
-            passed=passed,
+            passed=code == 200 and scores == len(frame),
             severity=dg.AssetCheckSeverity.ERROR,
-            metadata={"v1_status": v1_code, "v2_status": v2_code, "v1_scores": n_v1, "v2_scores": n_v2, "url": status.url},
+            metadata={
+                "protocol": protocol,
+                "status": code,
+                "rows": len(frame),
+                "scores": scores,
+                "endpoint": url,
+                "url": status.url,
+                **({} if code == 200 else {"answer": str(body)[:500]}),
+            },
         )
 
     def _rollout_verdict(instance: dg.DagsterInstance, revision: str | None, kinds: set[str]) -> dict | None:
