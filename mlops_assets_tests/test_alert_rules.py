@@ -26,16 +26,32 @@ def test_promtool_unit_tests_pass():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_the_capped_copy_the_demo_uses_is_valid_and_only_shortens_for(tmp_path):
+def test_the_local_copy_is_valid_and_changes_only_for_and_the_slo_thresholds(tmp_path):
     import yaml
 
-    from mlops_assets.core.platform.services import capped_rules
+    from mlops_assets.core.platform.services import local_rules
 
-    capped = capped_rules(tmp_path, 15)
-    out = subprocess.run(["promtool", "check", "rules", str(capped)], capture_output=True, text=True, timeout=60)
+    local = local_rules(tmp_path, slo={"max_error_rate": 0.05, "max_p95_latency_s": 2.0}, max_for_s=15)
+    out = subprocess.run(["promtool", "check", "rules", str(local)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
-    original, copy = yaml.safe_load(RULES_FILE.read_text()), yaml.safe_load(capped.read_text())
+    original, copy = yaml.safe_load(RULES_FILE.read_text()), yaml.safe_load(local.read_text())
     pairs = zip(original["groups"], copy["groups"], strict=True)
-    rules = [(a, b) for ga, gb in pairs for a, b in zip(ga["rules"], gb["rules"], strict=True)]
-    assert rules and all({**a, "for": None} == {**b, "for": None} for a, b in rules)
-    assert {b["for"] for _, b in rules if "for" in b} == {"15s"}
+    rules = {a.get("alert") or a["record"]: (a, b) for ga, gb in pairs for a, b in zip(ga["rules"], gb["rules"], strict=True)}
+    assert rules and all({**a, "for": None, "expr": None} == {**b, "for": None, "expr": None} for a, b in rules.values())
+    assert {b["for"] for a, b in rules.values() if "for" in b} == {"15s"}
+    changed = {name: b["expr"] for name, (a, b) in rules.items() if a["expr"] != b["expr"]}
+    assert set(changed) == {"InferenceHighErrorRate", "InferenceHighLatencyP95"}
+    assert ") > 0.05" in changed["InferenceHighErrorRate"] and "> 0.1" in changed["InferenceHighErrorRate"]
+    assert ") > 2" in changed["InferenceHighLatencyP95"]
+
+
+def test_the_shipped_slo_thresholds_are_the_rollout_policys_defaults(tmp_path):
+    """One SLO: with the default policy the local copy is the shipped rules, threshold for threshold."""
+    import yaml
+
+    from mlops_assets.core.platform.services import SLO_ALERTS, local_rules
+    from mlops_assets.core.rollout.policy import RolloutPolicy
+
+    policy = RolloutPolicy()
+    local = local_rules(tmp_path, slo={field: getattr(policy, field) for field in SLO_ALERTS.values()})
+    assert yaml.safe_load(local.read_text()) == yaml.safe_load(RULES_FILE.read_text())

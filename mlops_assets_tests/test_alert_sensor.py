@@ -70,7 +70,8 @@ def test_alerts_on_a_failing_stable_revision_and_on_drift_launch_rollback_and_re
     status = platform.status("fraud-detector")
     assert status.stable_version == "2" and status.previous_rolledout
 
-    record = services.start_prometheus(home, settings.prometheus_port, interval="1s", rules=[services.capped_rules(home, 10)])
+    rules = [services.local_rules(home, max_for_s=10)]
+    record = services.start_prometheus(home, settings.prometheus_port, interval="1s", rules=rules)
     alerts = PrometheusAlerts(url=record.url)
     request = urllib.request.Request(
         f"{status.url}/-/drift", data=json.dumps({"share": 0.5, "features": {"amount": 0.4}}).encode(), method="POST"

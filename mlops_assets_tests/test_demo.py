@@ -39,6 +39,12 @@ def test_demo_runs_the_lifecycle_through_the_daemon_and_cleans_up(tmp_path, monk
     assert "| faulty v3 (fails 2% of requests), canary | v3 | canary_rollout_job | rolled_back | rolled_back |" in out.stdout
     assert "| v4, blue-green | v4 | blue_green_job | promoted | promoted |" in out.stdout
     assert "| v5 (converts better), A/B test | v5 | ab_test_job | promoted | promoted |" in out.stdout
+    # A team's own model, registered by its own script, served because it is declared, rolled out
+    # by the sensor with its declared strategy while the fraud drills ran.
+    assert "serving/delivery_time:predictor_answers passed=True" in out.stdout
+    assert (
+        "| delivery_time v2 (a team's own model and script), declared blue-green | v2 | blue_green_job | promoted |" in out.stdout
+    )
     assert "Closed loop (drift -> alert -> retrain -> canary -> promote):" in out.stdout
     assert "its canary:    promoted" in out.stdout
     assert "All processes started by the demo were stopped." in out.stdout
@@ -47,6 +53,8 @@ def test_demo_runs_the_lifecycle_through_the_daemon_and_cleans_up(tmp_path, monk
     monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))  # dagster.yaml reads it
     with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
         runs = instance.get_runs()
+        alerted = [dict(r.tags) for r in runs if r.job_name == "rollback_job"]
+        assert not alerted, f"prometheus_alert_sensor rolled back a stable revision: {alerted}\n{out.stdout[-3000:]}"
         assert {r.job_name for r in runs} == {
             "lifecycle_job",
             "observe_serving_job",

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -231,15 +232,23 @@ def _describe(event) -> str:
 
 
 def follow_run(
-    instance, run_id: str, job_name: str, timeout_s: float = 900, allow_failure: bool = False, *, daemon: Daemon
+    instance,
+    run_id: str,
+    job_name: str,
+    timeout_s: float = 900,
+    allow_failure: bool = False,
+    *,
+    daemon: Daemon,
+    quiet: bool = False,
 ) -> str:
-    """Stream a run's progress from the instance's event log until it ends; return its status."""
+    """Stream a run's progress from the instance's event log until it ends (`quiet`: only wait);
+    return its status."""
     shown = 0
     interesting = _interesting()
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         records = instance.all_logs(run_id)
-        for record in records[shown:]:
+        for record in [] if quiet else records[shown:]:
             event = record.dagster_event
             if event is not None and event.event_type in interesting:
                 _say(f"[dagster]   {event.event_type.value.lower():<24} {_describe(event)}")
@@ -374,6 +383,86 @@ def run_drills(instance, settings: Settings, platform, isvc: str, model: str, *,
     return results
 
 
+#: A team's own model: trained and registered by a plain script outside Dagster, served because it
+#: is declared (defs/models/delivery_time/defs.yaml: a regressor on another table, blue-green).
+TEAM_MODEL, TEAM_ISVC = "delivery_time", "delivery-time"
+TEAM_SCRIPT = PROJECT_ROOT / "examples" / "delivery_time" / "train_and_register.py"
+TEAM_DRILL = f"{TEAM_MODEL} v2 (a team's own model and script), declared blue-green"
+
+
+def register_team_version(settings: Settings, seed: int) -> str:
+    """Run the team's script as the team would: it registers a version with MLflow's API only."""
+    out = subprocess.run(
+        [sys.executable, str(TEAM_SCRIPT), "--tracking-uri", settings.mlflow_tracking_uri, "--seed", str(seed)],
+        cwd=settings.home,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"{TEAM_SCRIPT} failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
+    return out.stdout.strip().splitlines()[-1].split()[3]
+
+
+class TeamDrill(threading.Thread):
+    """While the fraud drills run, the team registers v2 of its own model and the sensor rolls it
+    out with the model's declared policy: two InferenceServices, two rollouts, each with its own
+    lock and decision. Its users (sending the version's input example) keep going afterwards."""
+
+    def __init__(self, settings: Settings, platform, daemon: Daemon) -> None:
+        super().__init__(name="team-drill", daemon=True)
+        self.settings, self.platform, self.daemon = settings, platform, daemon
+        self.result: dict | None = None
+        self.error: BaseException | None = None
+        self.users: TrafficGenerator | None = None
+
+    def run(self) -> None:
+        import json
+
+        from dagster import DagsterInstance
+
+        from mlops_assets.core.model_artifacts import training_data
+        from mlops_assets.core.registry import MlflowRegistry
+
+        try:
+            settings = self.settings
+            registry = MlflowRegistry(tracking_uri=settings.mlflow_tracking_uri, artifact_root=str(settings.mlflow_artifact_root))
+            # The team's users look like its training data (the table the version logged).
+            champion = registry.get_version(TEAM_MODEL, registry.alias_version(TEAM_MODEL, "champion"))
+            rows = json.loads(training_data(registry, champion).head(1000).to_json(orient="records"))
+            self.users = TrafficGenerator(self.platform, TEAM_ISVC, rate=10, rows=rows).start()
+            version = register_team_version(settings, seed=2)
+            _say(f"[demo] a team registered {TEAM_MODEL} v{version} with its own script (beside the fraud drills)")
+            with DagsterInstance.get() as instance:
+                run = wait_for_sensor_run(instance, TEAM_ISVC, version, daemon=self.daemon)
+                _say(f"[dagster] sensor launched {run.job_name} run {run.run_id[:8]} for {TEAM_MODEL} v{version}")
+                status = follow_run(instance, run.run_id, run.job_name, allow_failure=True, daemon=self.daemon, quiet=True)
+                meta = _rollout_metadata(instance, run.run_id, TEAM_MODEL)
+            _say(f"[demo] {TEAM_MODEL} v{version}: {meta.get('rollout_outcome')} in {meta.get('time_to_decision_s')}s")
+            self.result = {
+                "drill": TEAM_DRILL,
+                "version": version,
+                "job": run.job_name,
+                "run_status": status,
+                "expected": "promoted",
+                **meta,
+            }
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
+            self.error = exc
+
+    def outcome(self, timeout_s: float = 600) -> dict:
+        self.join(timeout_s)
+        if self.is_alive():
+            raise SystemExit(f"the {TEAM_MODEL} drill did not finish within {timeout_s:.0f}s")
+        if self.error is not None:
+            raise self.error
+        return self.result or {}
+
+    def stop(self) -> None:
+        if self.users is not None:
+            self.users.stop()
+
+
 def run_drift_loop(instance, traffic: TrafficGenerator, wait_s: float, *, daemon: Daemon) -> dict:
     """Shift the users' data, let the drift report flag it, and follow the loop the sensors close:
     ModelDriftDetected -> retrain_job on recent traffic -> canary of the new version -> promotion."""
@@ -440,8 +529,9 @@ def _md_rows(md: str) -> list[str]:
 def summary(
     instance, settings: Settings, traffic: dict[str, int], drills, loop, generator, elapsed: float, keep_running: bool
 ) -> str:
-    from dagster import AssetKey
+    from dagster import AssetKey, RunsFilter
 
+    from mlops_assets.core.serving.manifest import ISVC_TAG
     from mlops_assets.definitions import build_definitions
 
     defs = build_definitions()
@@ -495,6 +585,12 @@ def summary(
             f"  drift after:   {a.get('dataset_verdict')}, share {a.get('drift_share')} "
             f"(against v{loop['version']}'s training data)",
         ]
+    rollbacks = instance.get_runs(RunsFilter(job_name="rollback_job"))
+    lines += ["", f"Rollbacks launched by prometheus_alert_sensor: {len(rollbacks)}"]
+    lines += [
+        f"  run {r.run_id[:8]} ({r.status.value}) on {r.tags.get(ISVC_TAG)}: alert {r.tags.get('mlops-assets/alert')}"
+        for r in rollbacks
+    ]
     if generator is not None:
         lines += ["", f"Background users' responses by model version and status: {generator.by_version()}"]
     lines += [
@@ -535,10 +631,12 @@ def demo(args: argparse.Namespace) -> int:
     daemon = Daemon(settings.home / "logs" / "dagster-daemon.log", instance)
     _say(f"[demo] dagster-daemon started (pid {daemon.proc.pid}); log {daemon.log_file}")
     platform = LocalPlatform(home=str(settings.home))
-    traffic = None
+    traffic = team = None
     try:
         waited = daemon.wait_until_ready()
         _say(f"[demo] dagster-daemon is up: heartbeats from {', '.join(WATCHED_DAEMONS)} after {waited:.1f}s")
+        team_v1 = register_team_version(settings, seed=1)
+        _say(f"[demo] a team registered its own model {TEAM_MODEL} v{team_v1} with a plain MLflow script ({TEAM_SCRIPT.name})")
         launch_and_wait(instance, "lifecycle_job", daemon=daemon)
         status = platform.status("fraud-detector")
         _say(f"[demo] sending {args.requests} requests to {status.url}")
@@ -548,7 +646,10 @@ def demo(args: argparse.Namespace) -> int:
         if not args.skip_rollouts:
             traffic = TrafficGenerator(platform, "fraud-detector", rate=args.rate, success=AB_SUCCESS).start()
             _say(f"[demo] background users: ~{args.rate:.0f} requests/s with sticky user keys and A/B feedback")
+            team = TeamDrill(settings, platform, daemon)
+            team.start()
             drills = run_drills(instance, settings, platform, "fraud-detector", "fraud_detector", daemon=daemon)
+            drills.append(team.outcome())
             from mlops_assets.core.platform import services as platform_services
 
             if platform_services.prometheus_binary() is None:
@@ -568,6 +669,8 @@ def demo(args: argparse.Namespace) -> int:
     finally:
         if traffic is not None:
             traffic.stop()
+        if team is not None:
+            team.stop()
         daemon.stop()
         if not args.keep_running:
             platform.stop_all()

@@ -7,6 +7,7 @@ import dagster as dg
 from mlops_assets.core.monitoring.alerts import PrometheusAlerts
 from mlops_assets.core.monitoring.drift import DriftConfig
 from mlops_assets.core.platform.backends import ClusterPlatformServices, LocalPlatformServices
+from mlops_assets.core.platform.services import SLO_ALERTS
 from mlops_assets.core.registry import MlflowRegistry
 from mlops_assets.core.rollout.policy import RolloutPolicy
 from mlops_assets.core.serving.metrics import PrometheusMetrics, ScrapeMetrics
@@ -54,19 +55,21 @@ def build_resources(settings: Settings) -> dict:
                 **({"manifests": settings.k8s_manifests} if settings.k8s_manifests else {})
             ),
         }
+    policy = RolloutPolicy(**(settings.rollout or {}))
     return {
         "mlflow": registry,
         "serving": LocalPlatform(home=str(settings.home), recent_window_s=settings.recent_window_s),
         "metrics": metrics,
         "prometheus_alerts": PrometheusAlerts(url=settings.prometheus_url or f"http://127.0.0.1:{settings.prometheus_port}"),
         "drift_policy": DriftConfig(home=str(settings.home)),
-        "rollout_policy": RolloutPolicy(**(settings.rollout or {})),
+        "rollout_policy": policy,
         "platform_services": LocalPlatformServices(
             home=str(settings.home),
             tracking_uri=settings.mlflow_tracking_uri,
             mlflow_ui_port=settings.mlflow_ui_port,
             prometheus_port=settings.prometheus_port,
             alert_for_max_s=settings.alert_for_max_s,
+            slo={field: getattr(policy, field) for field in SLO_ALERTS.values()},
         ),
     }
 

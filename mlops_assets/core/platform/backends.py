@@ -44,6 +44,8 @@ class LocalPlatformServices(PlatformServices):
     prometheus_port: int
     #: Cap on the alert rules' `for:` durations (None: as written); the demo compresses them.
     alert_for_max_s: float | None = None
+    #: The rollout policy's SLO thresholds the local alert rules compare with (see `services.SLO_ALERTS`).
+    slo: dict[str, float] = {}
 
     @property
     def _home(self) -> Path:
@@ -81,9 +83,9 @@ class LocalPlatformServices(PlatformServices):
     def prometheus(self) -> dict:
         if services.prometheus_binary() is None:
             return {"installed": False, "note": "prometheus not on PATH: metrics are scraped directly from the routers"}
-        rules = [services.RULES_FILE] if services.RULES_FILE.exists() else []
-        if rules and self.alert_for_max_s:
-            rules = [services.capped_rules(self._home, self.alert_for_max_s)]
+        rules = []
+        if services.RULES_FILE.exists():
+            rules = [services.local_rules(self._home, slo=self.slo, max_for_s=self.alert_for_max_s)]
         record = services.start_prometheus(self._home, self.prometheus_port, rules=rules, mlflow_port=self.mlflow_ui_port)
         return {"installed": True, "url": record.url, "pid": record.pid, "log": record.log, "rules": ", ".join(map(str, rules))}
 

@@ -7,6 +7,7 @@ idempotently (an asset materialized twice does not start a second copy) and stop
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -26,7 +27,7 @@ scrape_configs:
     static_configs:
       - targets: ['127.0.0.1:{mlflow_port}']
 """
-#: The alert rules shipped in k8s/ and used as is by the local Prometheus.
+#: The alert rules shipped in k8s/; the local Prometheus uses a copy with the policy's thresholds (`local_rules`).
 RULES_FILE = Path(__file__).resolve().parents[3] / "k8s" / "base" / "monitoring" / "rules" / "mlops-alerts.yaml"
 
 
@@ -91,21 +92,33 @@ def start_mlflow_ui(home: Path, tracking_uri: str, artifact_root: Path, port: in
 _DURATION = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def capped_rules(home: Path, max_for_s: float, source: Path = RULES_FILE) -> Path:
-    """A copy of the alert rules with every `for:` capped at `max_for_s` (the rules themselves are
-    unchanged): the demo compresses time the way its rollout policy does, so an alert that waits a
-    minute in production waits seconds there. Written under `home/prometheus/`."""
-    import re
+#: The alerts that judge a revision against the rollout SLOs, and the policy field each compares with.
+SLO_ALERTS = {"InferenceHighErrorRate": "max_error_rate", "InferenceHighLatencyP95": "max_p95_latency_s"}
+_SLO_COMPARISON = re.compile(r"\)\s*>\s*[0-9.eE+-]+")
 
+
+def local_rules(
+    home: Path, *, slo: dict[str, float] | None = None, max_for_s: float | None = None, source: Path = RULES_FILE
+) -> Path:
+    """The alert rules for the local Prometheus, written under `home/prometheus/` (the shipped rules
+    are unchanged): the SLO alerts compare with the rollout policy's thresholds (`slo`, keyed by
+    the fields in `SLO_ALERTS`), so an alert and a rollout judge one SLO; and every `for:` is capped
+    at `max_for_s` where the demo compresses time the way its rollout policy does."""
     import yaml
 
     doc = yaml.safe_load(source.read_text())
     for group in doc.get("groups", []):
         for rule in group.get("rules", []):
+            field = SLO_ALERTS.get(rule.get("alert", ""))
+            if slo and field in slo:
+                expr, found = _SLO_COMPARISON.subn(f") > {slo[field]:g}", rule["expr"], count=1)
+                if not found:
+                    raise ValueError(f"{source}: alert {rule['alert']} has no `) > threshold` comparison to set {field} in")
+                rule["expr"] = expr
             match = re.fullmatch(r"(\d+)(ms|s|m|h|d)", str(rule.get("for", "")))
-            if match and int(match[1]) * _DURATION[match[2]] > max_for_s:
+            if max_for_s and match and int(match[1]) * _DURATION[match[2]] > max_for_s:
                 rule["for"] = f"{max(1, round(max_for_s))}s"
-    out = home / "prometheus" / f"rules-for-max-{max(1, round(max_for_s))}s.yaml"
+    out = home / "prometheus" / "rules-local.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(doc, sort_keys=False))
     return out
