@@ -55,3 +55,24 @@ def test_the_shipped_slo_thresholds_are_the_rollout_policys_defaults(tmp_path):
     policy = RolloutPolicy()
     local = local_rules(tmp_path, slo={field: getattr(policy, field) for field in SLO_ALERTS.values()})
     assert yaml.safe_load(local.read_text()) == yaml.safe_load(RULES_FILE.read_text())
+
+
+def test_every_alert_the_sensor_rolls_back_on_names_its_service_and_revision():
+    """prometheus_alert_sensor maps an alert to a model by its `isvc` label and acts only on the
+    stable `revision`: each rollback alert (the router's locally, the Istio sidecars' on a cluster)
+    exists in the rules and, in promtool's unit tests, fires with both labels."""
+    import yaml
+
+    from mlops_assets.core.monitoring.alerts import RETRAIN_ALERTS, ROLLBACK_ALERTS
+
+    rules = {r["alert"] for g in yaml.safe_load(RULES_FILE.read_text())["groups"] for r in g["rules"] if "alert" in r}
+    assert ROLLBACK_ALERTS | RETRAIN_ALERTS <= rules
+    tests = yaml.safe_load(RULES_FILE.with_name("mlops-alerts.test.yaml").read_text())["tests"]
+    fired = {}
+    for case in tests:
+        for check in case.get("alert_rule_test", []):
+            for alert in check.get("exp_alerts") or []:
+                fired.setdefault(check["alertname"], []).append(alert["exp_labels"])
+    for name in ROLLBACK_ALERTS:
+        assert fired.get(name), f"{name} never fires in the unit tests"
+        assert all({"isvc", "revision"} <= set(labels) for labels in fired[name]), (name, fired[name])

@@ -298,11 +298,7 @@ def test_knative_system_pods_reach_the_predictors_as_upstream_runs_them(rendered
 #: Resources that call nothing over the network (policies and configuration).
 OFFLINE_RESOURCES = {"rollout_policy", "drift_policy"}
 #: Known gaps in code owned elsewhere, reported rather than papered over with RBAC.
-KNOWN_GAPS = {
-    "lifecycle_job": "selects the platform/* assets (AssetSelection.all() minus monitoring) but carries no "
-    "dagster-k8s/config tag, so its run pods run as mlops-rollout, which may not reconcile the platform "
-    "(mlops_assets/defs/lifecycle.py: tag it like platform_job, or leave the platform group out)",
-}
+KNOWN_GAPS: dict[str, str] = {}
 
 
 def _jobs():

@@ -614,8 +614,10 @@ def test_rbac_is_namespaced_and_least_privilege(rendered):
     granted = {(g, r) for rule in launcher["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
     assert granted == {("batch", "jobs"), ("batch", "jobs/status"), ("", "pods"), ("", "pods/log"), ("", "events")}
     subjects = {(b["metadata"]["namespace"], b["roleRef"]["name"]): b["subjects"] for b in objects(docs, "RoleBinding")}
+    # Run pods of the rollout jobs, and of lifecycle_job (which also serves the models).
     assert subjects[("mlops-serving", "mlops-rollout")] == [
-        {"kind": "ServiceAccount", "name": "mlops-rollout", "namespace": "mlops"}
+        {"kind": "ServiceAccount", "name": "mlops-rollout", "namespace": "mlops"},
+        {"kind": "ServiceAccount", "name": "mlops-lifecycle", "namespace": "mlops"},
     ]
     assert subjects[("mlops", "dagster-run-launcher")] == [{"kind": "ServiceAccount", "name": "dagster", "namespace": "mlops"}]
     # The payload sink calls no Kubernetes API: no token, no binding.
@@ -872,7 +874,7 @@ ALLOWED_FLOWS = [
     ("run-worker", "predictor", 8012),
     ("run-worker", "gateway", 8081),
     ("run-worker", "prometheus", 9090),
-    ("prometheus", "predictor", 9088),
+    ("prometheus", "predictor", 9091),
     ("prometheus", "mlflow", 5000),
     ("prometheus", "postgres", 15090),
     ("prometheus", "predictor", 15090),
@@ -974,7 +976,7 @@ def test_authorization_policies_decide_concrete_requests(rendered, pods):
         ("gateway", "predictor", 8012, "POST", infer),
         ("activator", "predictor", 8012, "POST", "/v1/models/fraud-detector:predict"),
         ("run-worker", "predictor", 8012, "POST", infer),
-        ("prometheus", "predictor", 9088, "GET", "/metrics"),
+        ("prometheus", "predictor", 9091, "GET", "/metrics"),
         ("run-worker", "mlflow", 5000, "POST", "/api/2.0/mlflow/registered-models/create"),
         ("gateway", "mlflow", 5000, "GET", "/"),
         ("prometheus", "mlflow", 5000, "GET", "/metrics"),
@@ -1525,7 +1527,8 @@ def test_platform_role_grants_exactly_what_the_platform_assets_apply(rendered, n
     subjects = {(b["metadata"]["namespace"], b["roleRef"]["name"]): b["subjects"] for b in objects(docs, "RoleBinding")}
     for namespace in needed:
         assert subjects[(namespace, "mlops-platform")] == [
-            {"kind": "ServiceAccount", "name": "mlops-platform", "namespace": "mlops"}
+            {"kind": "ServiceAccount", "name": "mlops-platform", "namespace": "mlops"},
+            {"kind": "ServiceAccount", "name": "mlops-lifecycle", "namespace": "mlops"},  # lifecycle_job's run pods
         ]
 
 

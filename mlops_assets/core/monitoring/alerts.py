@@ -6,7 +6,13 @@ from mlops_assets.core import http
 from mlops_assets.core.config import EngineConfig
 
 #: Alert names from the shipped rules file (k8s/base/monitoring/rules/mlops-alerts.yaml).
-ROLLBACK_ALERTS = {"InferenceHighErrorRate", "InferenceHighLatencyP95"}
+#: The router's alerts (local) and the Istio sidecars' (cluster); both label `isvc` and `revision`.
+ROLLBACK_ALERTS = {
+    "InferenceHighErrorRate",
+    "InferenceHighLatencyP95",
+    "InferenceHighErrorRateMesh",
+    "InferenceHighLatencyP95Mesh",
+}
 RETRAIN_ALERTS = {"ModelDriftDetected"}
 
 
