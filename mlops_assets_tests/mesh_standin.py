@@ -33,6 +33,7 @@ while it runs (a new revision of a canary).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -43,7 +44,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -235,6 +236,17 @@ class MeshStandin:
         self._write_targets()
         return pod
 
+    def remove_pod(self, pod: Pod) -> None:
+        """The pod is gone (scaled down, or replaced): Prometheus drops its targets, and so its series."""
+        with self.lock:
+            self.pods.pop(pod.name, None)
+        self._write_targets()
+
+    def record(self, pod: Pod, code: int, latency_s: float) -> None:
+        """One request answered by `pod`, counted while no scrape reads it."""
+        with self.lock:
+            pod.record(code, latency_s)
+
     def _write_targets(self) -> None:
         """One target per pod and exposition, with the instance (pod IP:port) it would have on a cluster."""
         with self.lock:
@@ -337,3 +349,19 @@ class StandinPrometheus:
             self.proc.kill()
             self.proc.wait(5)
         self._log.close()
+
+
+@contextlib.contextmanager
+def standin_and_prometheus(base: Path) -> Iterator[tuple[MeshStandin, StandinPrometheus]]:
+    """A stand-in with no pods yet and a ready Prometheus scraping it, both closed on exit;
+    FileNotFoundError where the prometheus binary is not installed."""
+    standin = MeshStandin(base / "sd")
+    try:
+        prometheus = StandinPrometheus(standin, base)
+        try:
+            prometheus.wait_for(lambda: prometheus.get("/-/ready") is not None, 30, "Prometheus /-/ready")
+            yield standin, prometheus
+        finally:
+            prometheus.close()
+    finally:
+        standin.close()
