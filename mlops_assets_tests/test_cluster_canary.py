@@ -22,11 +22,14 @@ Design gap (not covered here): the counts are cumulative sums over the pods Prom
 Knative scales a revision down, that pod's series go stale and leave the sum: the stable revision's counts
 drop, which the strategy takes for a counter reset (`_diff` then counts the whole remaining total as one
 window), or a drop hidden by new requests yields a window short of requests and errors, even negative ones.
-`test_a_scaled_down_pod_leaves_the_sum` shows it on the stand-in. Rollouts in this file keep every pod.
+`PrometheusMetrics.lookback` (e.g. "1h", at least the rollout timeout) keeps a pod that left within it in the
+sum (`last_over_time`); it is off by default, so the rollouts here keep every pod, and
+`test_a_scaled_down_pod_leaves_the_sum_unless_a_lookback_holds_it` shows both on the stand-in.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +42,7 @@ from mlops_assets.core.registry import VersionInfo
 from mlops_assets.core.rollout.policy import Strategy
 from mlops_assets.core.rollout.runner import RolloutRequest, RolloutRunner
 from mlops_assets.core.rollout.strategies import PROMOTED, ROLLED_BACK
+from mlops_assets.core.serving.metrics import PrometheusMetrics
 from mlops_assets.core.settings import load_settings
 from mlops_assets.defs.resources import build_resources
 from mlops_assets_tests.mesh_standin import MeshStandin, Pod, standin_and_prometheus
@@ -226,19 +230,43 @@ def test_canary_promotes_the_good_version_and_rolls_back_the_faulty_one_on_istio
         assert counts[name].buckets[0.025] == sum(latency <= 0.025 for latency in s.latencies)
 
 
-def test_a_scaled_down_pod_leaves_the_sum(mesh):
-    """The design gap of the module docstring: the counts are sums over the pods scraped now."""
+def test_a_scaled_down_pod_leaves_the_sum_unless_a_lookback_holds_it(mesh):
+    """The design gap of the module docstring: by default the counts are sums over the pods scraped now."""
     standin, prometheus = mesh
     revision = rev(1)
     pods = [standin.add_pod(NS, revision) for _ in range(2)]
     for i in range(30):
         standin.record(pods[i % 2], 500 if i % 10 == 1 else 200, 0.02)
-    metrics = cluster_resources(prometheus.url, "http://127.0.0.1:9")["metrics"]
-    prometheus.wait_for(lambda: _counted(metrics) == {revision: (30, 3)}, 15, "Prometheus to count both pods")
+    now, held = (
+        [PrometheusMetrics(url=prometheus.url, source=source, namespace=NS, lookback=lookback) for source in ("istio", "knative")]
+        for lookback in ("", "1h")
+    )
+    both = {revision: (30, 3)}
+    prometheus.wait_for(lambda: [_counted(m) for m in now + held] == [both] * 4, 15, "Prometheus to count both pods")
     standin.remove_pod(pods[1])
-    prometheus.wait_for(lambda: _counted(metrics) != {revision: (30, 3)}, 15, "the scaled-down pod to go stale")
-    # Fewer requests and errors than a moment ago: the errors (requests 1, 11, 21) were pod 1's.
-    assert _counted(metrics) == {revision: (15, 0)}
+    prometheus.wait_for(lambda: both not in [_counted(m) for m in now], 15, "the scaled-down pod to go stale")
+    for metrics in now:
+        # Fewer requests and errors than a moment ago: the errors (requests 1, 11, 21) were pod 1's.
+        assert _counted(metrics) == {revision: (15, 0)}, metrics.source
+    for metrics in held:
+        # With a lookback the pod's last counts stay in the sum, latency buckets too.
+        assert _counted(metrics) == both, metrics.source
+        assert metrics.revision_counts(NAME, "")[revision].buckets[math.inf] == 30
+
+
+def test_a_lookback_wraps_every_selector_and_must_be_a_promql_duration():
+    istio = PrometheusMetrics(url="http://127.0.0.1:9", source="istio", namespace=NS, lookback="90m").queries(NAME)
+    selector = f'reporter="destination", destination_workload_namespace="{NS}", destination_app=~"{NAME}-predictor-[0-9]+"'
+    assert (
+        istio["requests"] == f"sum by (destination_app, response_code) (last_over_time(istio_requests_total{{{selector}}}[90m]))"
+    )
+    knative = PrometheusMetrics(url="http://127.0.0.1:9", source="knative", namespace=NS, lookback="1h").queries(NAME)
+    assert knative["latency"].count("last_over_time(") == 2 and knative["latency"].endswith("[1h]))")
+    router = PrometheusMetrics(url="http://127.0.0.1:9", lookback="1h").queries(NAME)
+    assert all(q.count("last_over_time(") == 1 for q in router.values()) and set(router) == {"requests", "latency", "feedback"}
+    for bad in ("1 hour", "1h] or vector(1) or x[1h", "-5m"):
+        with pytest.raises(ValueError, match="not a PromQL duration"):
+            PrometheusMetrics(url="http://127.0.0.1:9", source="istio", namespace=NS, lookback=bad)
 
 
 def _counted(metrics) -> dict[str, tuple[int, int]]:

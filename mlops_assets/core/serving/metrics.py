@@ -207,6 +207,7 @@ assert tuple(SOURCE_SPECS) == METRICS_SOURCES
 _METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _DNS_1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DURATION = re.compile(r"^([0-9]+(ms|s|m|h|d|w|y))+$")
 
 
 def validate_namespace(value: str) -> str:
@@ -230,6 +231,14 @@ class PrometheusMetrics(MetricsSource):
     `<isvc>-predictor-NNNNN`. Empty name fields mean "the source's default"; latency bounds are always
     returned in seconds. Only the router has A/B feedback outcomes. The settings each cluster source
     needs (scrape jobs, Knative's `request-metrics-protocol`) are in k8s/metrics/.
+
+    The counts are sums over the series Prometheus holds *now*: when Knative scales a revision down,
+    its pod's series go stale and leave the sum, so a revision's cumulative counts drop (the strategy
+    reads that as a counter reset) or, where new requests hide the drop, a window comes out short.
+    `lookback` (a PromQL duration, at least the rollout timeout) sums each series' last sample within
+    it instead (`last_over_time`), so a pod that left within it still counts. It does not help with a
+    counter that restarts in a live pod (a restarted sidecar), and for `knative` a pod address reused
+    within it gives `target_info` two series to join on and Prometheus refuses the query ("no data").
     """
 
     url: str
@@ -241,6 +250,7 @@ class PrometheusMetrics(MetricsSource):
     latency_metric: str = ""
     feedback_metric: str = ""
     revision_label: str = ""
+    lookback: str = ""  # "" = the series scraped now; see the class docstring
 
     @pydantic.model_validator(mode="before")
     @classmethod
@@ -267,6 +277,9 @@ class PrometheusMetrics(MetricsSource):
             value = data.get(what)
             if value and not (isinstance(value, str) and pattern.match(value)):
                 raise ValueError(f"{what} {value!r} is not a Prometheus {kind} name")
+        lookback = data.get("lookback")
+        if lookback and not (isinstance(lookback, str) and _DURATION.match(lookback)):
+            raise ValueError(f"lookback {lookback!r} is not a PromQL duration such as 1h or 90m")
         names = ("requests_metric", "latency_metric", "feedback_metric", "revision_label")
         return {**data, **{name: getattr(base, name) for name in names if not data.get(name)}}
 
@@ -307,31 +320,35 @@ class PrometheusMetrics(MetricsSource):
         """PromQL per kind of count ("requests", "latency", and "feedback" for the router only)."""
         validate_dns1035(isvc, "InferenceService name")
         spec = self.spec
-        rev, code = spec.revision_label, spec.code_label
+        rev, code, held = spec.revision_label, spec.code_label, self._held
         if self.source == "router":
             sel = f'isvc="{isvc}"'
             return {
-                "requests": f"sum by ({rev}, {code}) ({spec.requests_metric}{{{sel}}})",
-                "latency": f"sum by ({rev}, le) ({spec.latency_metric}{{{sel}}})",
-                "feedback": f"sum by ({rev}, outcome) ({spec.feedback_metric}{{{sel}}})",
+                "requests": f"sum by ({rev}, {code}) ({held(f'{spec.requests_metric}{{{sel}}}')})",
+                "latency": f"sum by ({rev}, le) ({held(f'{spec.latency_metric}{{{sel}}}')})",
+                "feedback": f"sum by ({rev}, outcome) ({held(f'{spec.feedback_metric}{{{sel}}}')})",
             }
         predictor = f"{isvc}-predictor"  # KServe's Knative Service (constants.PredictorServiceName)
         if self.source == "knative":
             # The revision and namespace live on target_info (resource attributes); every series of a
             # queue-proxy shares its (job, instance) with that pod's one target_info.
             info = f'target_info{{k8s_namespace_name="{self.namespace}", kn_configuration_name="{predictor}"}}'
-            join = f"* on (job, instance) group_left ({rev}) {info}"
+            join = f"* on (job, instance) group_left ({rev}) {held(info)}"
             return {
-                "requests": f"sum by ({rev}, {code}) ({spec.requests_metric} {join})",
-                "latency": f"sum by ({rev}, le) ({spec.latency_metric} {join})",
+                "requests": f"sum by ({rev}, {code}) ({held(spec.requests_metric)} {join})",
+                "latency": f"sum by ({rev}, le) ({held(spec.latency_metric)} {join})",
             }
         # Revisions are `<configuration>-NNNNN` (Knative: kmeta.ChildName(config, "-%05d")); PromQL
         # regexes are anchored, and a DNS-1035 name has nothing to escape.
         sel = f'reporter="destination", destination_workload_namespace="{self.namespace}", {rev}=~"{predictor}-[0-9]+"'
         return {
-            "requests": f"sum by ({rev}, {code}) ({spec.requests_metric}{{{sel}}})",
-            "latency": f"sum by ({rev}, le) ({spec.latency_metric}{{{sel}}})",
+            "requests": f"sum by ({rev}, {code}) ({held(f'{spec.requests_metric}{{{sel}}}')})",
+            "latency": f"sum by ({rev}, le) ({held(f'{spec.latency_metric}{{{sel}}}')})",
         }
+
+    def _held(self, selector: str) -> str:
+        """`selector`, or with a lookback each of its series' last sample within it."""
+        return f"last_over_time({selector}[{self.lookback}])" if self.lookback else selector
 
     def revision_counts(self, isvc: str, router_url: str) -> dict[str, RevisionCounts]:
         q = self.queries(isvc)
