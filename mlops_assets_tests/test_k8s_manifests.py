@@ -609,6 +609,9 @@ def test_rbac_is_namespaced_and_least_privilege(rendered):
         },
         {"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices/status"], "verbs": ["get"]},
         {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "patch"]},
+        # A/B routing at the mesh (test_cluster_ab compares these with the platform's calls).
+        {"apiGroups": ["networking.istio.io"], "resources": ["virtualservices"], "verbs": ["get", "create", "patch"]},
+        {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "create"]},
     ]
     launcher = get(docs, "Role", "mlops", "dagster-run-launcher")
     granted = {(g, r) for rule in launcher["rules"] for g in rule["apiGroups"] for r in rule["resources"]}

@@ -16,7 +16,16 @@ and the extension `ce-inferenceservicename` naming the InferenceService. This se
   (`model_drift_share{isvc}`, `model_drift_score{isvc,feature}`) and its own counters on `/metrics`,
   for the same alert rules as locally;
 * answers `/-/flush` (write every buffer now: the drift asset calls it before reading) and the
-  probes `/-/healthy` and `/-/ready`.
+  probes `/-/healthy` and `/-/ready`;
+* records A/B outcomes, the cluster's counterpart of the local router's `/-/feedback`. The A/B run
+  declares the test (`PUT /-/ab/<isvc>`: the revisions of arms a and b and B's share of users);
+  callers `POST /-/outcome/<isvc>` `{"user_key": ..., "success": true|false}` (or a list), each
+  attributed to the arm the mesh pins that user to (core/serving/mesh.py: the same bucket rule as the
+  router) and counted as `mlops_ab_outcomes_total{isvc,revision,arm,outcome}`; the run reads the
+  counts back from `GET /-/outcomes/<isvc>` and ends the test with `DELETE /-/ab/<isvc>`. Bad input is
+  a 4xx that says what is wrong: 400 malformed or an unknown arm, 404 no test running on that
+  InferenceService, 409 an outcome whose `arm` is not the one the user is pinned to, 413 too large.
+  Counts live in memory, as the router's do: a restarted sink counts from zero.
 
 `KubernetesPlatform.recent_payloads` reads the batches back through the same proxy.
 
@@ -28,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import json
 import logging
 import random
 import tempfile
@@ -40,11 +50,14 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from mlops_assets.core.serving.manifest import ManifestError, validate_dns1035
+from mlops_assets.core.serving.mesh import arm_of, check_split, parse_outcomes, user_bucket
 from mlops_assets.core.serving.wire import DriftGauges, parse_drift_body, payload_line, store_for
 from mlops_assets.core.settings import PAYLOAD_SINK_MLFLOW_CLIENT_ENV, apply_mlflow_client_env, mlflow_tracking_uri_env
 
 log = logging.getLogger("mlops_assets.payload_sink")
 REQUEST_EVENT = "org.kubeflow.serving.inference.request"
+#: A/B control and outcome bodies are small JSON: a larger one is refused (413) before it is parsed.
+AB_MAX_BYTES = 1 << 20
 
 
 def write_batch(store: str, isvc: str, lines: list[bytes]) -> str:
@@ -82,6 +95,14 @@ class PayloadSink:
             "payload_sink_write_failures_total", "Batches that failed to upload", ["isvc"], registry=self.registry
         )
         self.drift = DriftGauges(self.registry)
+        self.outcomes = Counter(
+            "mlops_ab_outcomes",
+            "A/B outcomes by the arm the user is pinned to",
+            ["isvc", "revision", "arm", "outcome"],
+            registry=self.registry,
+        )
+        self.ab_tests: dict[str, dict] = {}  # isvc -> {"a": revision, "b": revision, "split_percent": P}
+        self.outcome_counts: dict[tuple[str, str], list[int]] = {}  # (isvc, revision) -> [successes, failures]
 
     # ---- receiving ------------------------------------------------------------------------------
     async def receive(self, request: web.Request) -> web.Response:
@@ -156,6 +177,76 @@ class PayloadSink:
         self.drift.record(isvc, share, features)
         return web.json_response({"recorded": len(features)})
 
+    # ---- A/B tests: the assignment, outcomes and their counts -------------------------------------
+    async def _ab_json(self, request: web.Request) -> object:
+        """The JSON body of an A/B request; raises `web.HTTPException`s carrying the reason."""
+        if request.content_length is not None and request.content_length > AB_MAX_BYTES:
+            raise _json_error(413, f"body of {request.content_length} bytes is over the {AB_MAX_BYTES}-byte limit")
+        body = await request.content.read(AB_MAX_BYTES + 1)
+        if len(body) > AB_MAX_BYTES:
+            raise _json_error(413, f"body is over the {AB_MAX_BYTES}-byte limit")
+        try:
+            return json.loads(body)
+        except ValueError as exc:
+            raise _json_error(400, f"body is not JSON: {exc}") from None
+
+    def _isvc(self, request: web.Request) -> str:
+        isvc = request.match_info["isvc"]
+        try:
+            return validate_dns1035(isvc, "InferenceService name")
+        except ManifestError as exc:
+            raise _json_error(400, str(exc)) from None
+
+    async def start_ab(self, request: web.Request) -> web.Response:
+        """`PUT /-/ab/<isvc>` `{"a": revision, "b": revision, "split_percent": P}`: who is in which arm."""
+        isvc, body = self._isvc(request), await self._ab_json(request)
+        try:
+            if not isinstance(body, dict) or set(body) != {"a", "b", "split_percent"}:
+                raise ValueError('an A/B test is {"a": revision, "b": revision, "split_percent": 1-99}')
+            for arm in ("a", "b"):
+                validate_dns1035(body[arm], f"revision of arm {arm}")
+            if body["a"] == body["b"]:
+                raise ValueError(f"arms a and b are the same revision {body['a']!r}")
+            check_split(body["split_percent"])
+        except (ValueError, ManifestError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        self.ab_tests[isvc] = dict(body)
+        return web.json_response({"isvc": isvc, **body})
+
+    async def end_ab(self, request: web.Request) -> web.Response:
+        isvc = self._isvc(request)
+        ended = self.ab_tests.pop(isvc, None)
+        return web.json_response({"isvc": isvc, "ended": ended})
+
+    async def record_outcome(self, request: web.Request) -> web.Response:
+        """`POST /-/outcome/<isvc>`: outcomes, each counted under the revision its user is pinned to.
+        The whole body is checked before anything is counted."""
+        isvc, body = self._isvc(request), await self._ab_json(request)
+        test = self.ab_tests.get(isvc)
+        if test is None:
+            return web.json_response({"error": f"no A/B test is running on {isvc}: nothing to attribute outcomes to"}, status=404)
+        try:
+            parsed = parse_outcomes(body)
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        pinned = [(key, success, arm_of(user_bucket(key), test["split_percent"]), claimed) for key, success, claimed in parsed]
+        for key, _, arm, claimed in pinned:
+            if claimed is not None and claimed != arm:
+                message = f"user {key!r} is pinned to arm {arm!r} at a {test['split_percent']}% split, not {claimed!r}"
+                return web.json_response({"error": message}, status=409)
+        for _, success, arm, _ in pinned:
+            revision = test[arm]
+            self.outcomes.labels(isvc, revision, arm, "success" if success else "failure").inc()
+            self.outcome_counts.setdefault((isvc, revision), [0, 0])[0 if success else 1] += 1
+        return web.json_response({"recorded": len(pinned)})
+
+    async def outcome_counts_of(self, request: web.Request) -> web.Response:
+        """`GET /-/outcomes/<isvc>`: cumulative outcomes per revision (every revision ever in a test)."""
+        isvc = self._isvc(request)
+        counted = self.outcome_counts.items()
+        revisions = {rev: {"success": n[0], "failure": n[1]} for (name, rev), n in counted if name == isvc}
+        return web.json_response({"isvc": isvc, "test": self.ab_tests.get(isvc), "revisions": revisions})
+
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.registry), headers={"content-type": CONTENT_TYPE_LATEST})
 
@@ -175,12 +266,23 @@ class PayloadSink:
         app.router.add_post("/", self.receive)
         app.router.add_post("/-/flush", self.flush_now)
         app.router.add_post("/-/drift/{isvc}", self.record_drift)
+        app.router.add_put("/-/ab/{isvc}", self.start_ab)
+        app.router.add_delete("/-/ab/{isvc}", self.end_ab)
+        app.router.add_post("/-/outcome/{isvc}", self.record_outcome)
+        app.router.add_get("/-/outcomes/{isvc}", self.outcome_counts_of)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/-/healthy", self.healthy)
         app.router.add_get("/-/ready", self.healthy)
         app.on_startup.append(self.on_startup)
         app.on_cleanup.append(self.on_cleanup)
         return app
+
+
+def _json_error(status: int, message: str) -> web.HTTPException:
+    body = {"text": json.dumps({"error": message}), "content_type": "application/json"}
+    if status == 413:
+        return web.HTTPRequestEntityTooLarge(max_size=AB_MAX_BYTES, actual_size=AB_MAX_BYTES + 1, **body)
+    return web.HTTPBadRequest(**body)
 
 
 def main(argv: list[str] | None = None) -> None:

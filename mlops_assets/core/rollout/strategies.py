@@ -377,16 +377,39 @@ def run_blue_green(
     )
 
 
+def _ab_counts(ctx: RolloutContext, url: str) -> dict[str, RevisionCounts] | None:
+    """Counts with A/B outcomes. A platform that pins users at the mesh (KubernetesPlatform's
+    `ab_outcomes`: the payload sink's counts) gives the outcomes; locally the router's feedback
+    counts come with the metrics. Outcomes that cannot be read are no data, as metrics are."""
+    counts = ctx.counts(url)
+    outcomes = getattr(ctx.platform, "ab_outcomes", None)
+    if counts is None or outcomes is None:
+        return counts
+    try:
+        per_revision = outcomes(ctx.isvc)
+    except Exception as exc:  # noqa: BLE001 - unreadable outcomes are "no data", never a decision
+        ctx.log(f"{ctx.isvc}: A/B outcomes unavailable ({type(exc).__name__}: {exc}); holding")
+        return None
+    for rev, (success, failure) in per_revision.items():
+        counts.setdefault(rev, RevisionCounts())
+        counts[rev].feedback_success, counts[rev].feedback_failure = success, failure
+    return counts
+
+
 @guarded
 def run_ab_test(ctx: RolloutContext, manifest: dict, ab, split_percent: int = 50) -> RolloutResult:
     """Split users stickily between A (the rolled-out revision) and B (the new one), read success
-    outcomes reported through the router's feedback endpoint, and stop when the always-valid
-    p-value says so. B is shipped only on evidence that it is better; otherwise A stays."""
+    outcomes (the router's feedback endpoint locally, the payload sink's outcome endpoint on a
+    cluster, where the mesh pins users by the same rule), and stop when the always-valid p-value
+    says so. B is shipped only on evidence that it is better; otherwise A stays."""
     ctx.started = ctx.clock()
     status, b_rev, a_rev, unchanged = _deploy_candidate(ctx, manifest, split_percent, "ab_test")
     if unchanged is not None:
         return unchanged
-    start = ctx.counts(status.url) or {}
+    pin_users = getattr(ctx.platform, "start_ab_test", None)
+    if pin_users is not None:  # a platform whose own split is per request: pin users at the mesh
+        pin_users(ctx.isvc, a_rev, b_rev, split_percent)
+    start = _ab_counts(ctx, status.url) or {}
     ctx.event(
         "ab_start",
         status,
@@ -397,7 +420,7 @@ def run_ab_test(ctx: RolloutContext, manifest: dict, ab, split_percent: int = 50
     recommendation, evidence = "no_difference_yet", {}
     while ctx.clock() < deadline:
         ctx.sleep(ctx.poll_s)
-        now = ctx.counts(status.url)
+        now = _ab_counts(ctx, status.url)
         if now is None:
             continue
         a, b = _diff(now, start, a_rev), _diff(now, start, b_rev)

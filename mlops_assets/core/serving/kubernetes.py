@@ -32,6 +32,14 @@ Why it is built this way
   `canaryTrafficPercent: 0` after a promotion that some KServe versions have.
 * Namespace. The platform's namespace wins over the manifest's: the rollout ServiceAccount has
   rights in that namespace only (k8s/base/rbac), and `status(name)` must find what `apply` made.
+* A/B tests pin users at the mesh. Knative splits per request; `start_ab_test` adds an Istio
+  VirtualService on the A/B host `<isvc>-ab` that routes each user's bucket to the `latest` (B) or
+  `prev` (A) tag route by the local router's rule (core/serving/mesh.py says why it is built so), and
+  declares the test to the payload sink, whose `/-/outcome/<isvc>` attributes outcomes to arms;
+  `ab_outcomes` reads the counts back. Ending a test is traffic first: a rollback first sends every
+  user to A, then sets the split; both promotion and rollback then reset the VirtualService to
+  Knative's split. The A/B Service and VirtualService are owned by the InferenceService (an
+  ownerReference), so Kubernetes deletes them with it and the platform needs no delete verb on them.
 * Errors say what to do: 403 names the missing RBAC verb, a missing API group says KServe is not
   installed, a missing object is `UnknownServiceError`, an unreachable server names the host.
 
@@ -50,6 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 from mlops_assets.core import http
 from mlops_assets.core.kube import ApiErrors, ApiTarget, KubeApi, kube_api
+from mlops_assets.core.serving import mesh
 from mlops_assets.core.serving.lock import LockInfo, RolloutInProgressError, RolloutLock, refusal
 from mlops_assets.core.serving.manifest import (
     ANNOTATION_PREFIX,
@@ -120,6 +129,13 @@ def _errors(rbac: str) -> ApiErrors:
 
 ISVC_ERRORS = _errors(f"see k8s/base/rbac; this platform uses {VERBS}")
 LEASE_ERRORS = _errors("Role mlops-rollout in k8s/base/rbac/roles.yaml")
+VS_RESOURCE = "virtualservices.networking.istio.io"
+#: The calls `_AbRouting` makes; Role mlops-rollout grants exactly these (test_cluster_ab checks both).
+AB_VERBS = {VS_RESOURCE: ("get", "create", "patch"), "services": ("get", "create")}
+AB_ERRORS = _errors(
+    "Role mlops-rollout in k8s/base/rbac/roles.yaml: "
+    + "; ".join(f"{what}: {', '.join(verbs)}" for what, verbs in AB_VERBS.items())
+)
 
 
 @dataclass(frozen=True)
@@ -256,7 +272,61 @@ class KubernetesPlatform(ServingPlatform):
     def rollout_lock(self, name: str) -> LeaseRolloutLock:
         return LeaseRolloutLock(self, validate_dns1035(name, "InferenceService name"))
 
+    # ---- A/B tests: users pinned at the mesh, outcomes at the payload sink ----------------------------
+    def start_ab_test(self, name: str, a: str, b: str, percent: int) -> None:
+        """Pin users to arms (B = revision `b` for buckets below 100 * `percent`, A = `a`) on the A/B
+        host, and declare the test to the payload sink that attributes outcomes by the same rule."""
+        mesh.check_split(percent)
+        if not self.payload_sink_url:
+            raise KubernetesPlatformError(
+                f"{name}: an A/B test needs the payload sink for its outcomes (KubernetesPlatform.payload_sink_url is empty)"
+            )
+        with self._api() as api:
+            routing = _AbRouting(api, name)
+            routing.ensure(api.get(name), mesh.build_ab_virtual_service(name, self.namespace, percent))
+        self._sink("PUT", f"/-/ab/{name}", {"a": a, "b": b, "split_percent": percent})
+
+    def ab_outcomes(self, name: str) -> dict[str, tuple[int, int]]:
+        """Cumulative A/B outcomes per revision, (successes, failures), as the payload sink counted them."""
+        body = self._sink("GET", f"/-/outcomes/{validate_dns1035(name, 'InferenceService name')}")
+        try:
+            return {rev: (int(c["success"]), int(c["failure"])) for rev, c in body["revisions"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise KubernetesPlatformError(f"the payload sink answered A/B outcomes of {name} malformed: {exc!r}") from exc
+
+    def _sink(self, method: str, path: str, payload: dict | None = None) -> dict:
+        try:
+            response = http.request(f"{self.payload_sink_url}{path}", method=method, json_body=payload, timeout=30).checked()
+            return json.loads(response.body or b"{}")
+        except (http.HttpUnavailableError, OSError, ValueError) as exc:
+            raise KubernetesPlatformError(f"the payload sink at {self.payload_sink_url} failed {method} {path}: {exc}") from exc
+
+    def _end_ab_test(self, name: str, only: str | None) -> bool:
+        """With `only`, send every user of a running A/B test to that arm; without, reset the routes to
+        Knative's split and end the test at the sink. False when no test is running on `name`."""
+        with self._api() as api:
+            routing = _AbRouting(api, name)
+            if not routing.running():
+                return False
+            routing.patch(mesh.build_ab_virtual_service(name, self.namespace, None, only=only))
+        if only is None:
+            with contextlib.suppress(KubernetesPlatformError):  # the routes are reset; the sink's record is moot
+                self._sink("DELETE", f"/-/ab/{name}")
+        return True
+
+    def promote(self, name: str) -> ServiceStatus:
+        status = super().promote(name)
+        self._end_ab_test(name, None)
+        return status
+
     def rollback(self, name: str) -> ServiceStatus:
+        testing = self._end_ab_test(name, "a")  # traffic first: every pinned user to A before the split moves
+        status = self._rollback(name)
+        if testing:
+            self._end_ab_test(name, None)
+        return status
+
+    def _rollback(self, name: str) -> ServiceStatus:
         with self._api() as api:
             live = api.get(name)
             status = _service_status(live)
@@ -418,6 +488,55 @@ class LeaseRolloutLock(RolloutLock):
         self._call(
             kube, "patch", leases.patch_namespaced_lease, name=self.name, body=body, _content_type="application/merge-patch+json"
         )
+
+
+class _AbRouting:
+    """The A/B Service and VirtualService of one InferenceService (core/serving/mesh.py), by REST path."""
+
+    def __init__(self, api: _Api, isvc: str) -> None:
+        self.api, self.isvc, self.name = api, isvc, mesh.ab_name(isvc)
+        self.kube = api.kube.with_errors(AB_ERRORS)
+        ns = api.namespace
+        self.vs_path = f"/apis/{mesh.VS_API_VERSION}/namespaces/{ns}/virtualservices"
+        self.svc_path = f"/api/v1/namespaces/{ns}/services"
+
+    def _call(self, verb: str, resource: str, method: str, path: str, **kwargs: Any) -> dict | None:
+        what = f"{resource} {self.name!r} in {self.api.namespace}"
+        return self.kube.request(verb, ApiTarget(what, resource, self.api.namespace), method, path, **kwargs)
+
+    def running(self) -> bool:
+        """Whether the VirtualService pins users to an arm now (any route but Knative's split)."""
+        vs = self._get_vs()
+        return any(route.get("name") != "split" for route in ((vs or {}).get("spec") or {}).get("http") or [])
+
+    def _get_vs(self) -> dict | None:
+        return self._call("get", VS_RESOURCE, "GET", f"{self.vs_path}/{self.name}", missing_ok=True)
+
+    def ensure(self, isvc: dict, virtual_service: dict) -> None:
+        """Create the Service and VirtualService (owned by the InferenceService), or patch the routes."""
+        owner = {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "name": self.isvc,
+            "uid": isvc["metadata"].get("uid", ""),
+            "controller": False,
+            "blockOwnerDeletion": False,
+        }
+        service = mesh.build_ab_service(self.isvc, self.api.namespace)
+        if self._call("get", "services", "GET", f"{self.svc_path}/{self.name}", missing_ok=True) is None:
+            service["metadata"]["ownerReferences"] = [owner]
+            self._call("create", "services", "POST", self.svc_path, body=service)
+        if self._get_vs() is None:
+            virtual_service["metadata"]["ownerReferences"] = [owner]
+            self._call("create", VS_RESOURCE, "POST", self.vs_path, body=virtual_service)
+        else:
+            self.patch(virtual_service)
+
+    def patch(self, virtual_service: dict) -> None:
+        """Replace the routes and the split annotation (a merge-patch replaces a list whole)."""
+        body = {"metadata": {"annotations": virtual_service["metadata"]["annotations"]}, "spec": virtual_service["spec"]}
+        path = f"{self.vs_path}/{self.name}"
+        self._call("patch", VS_RESOURCE, "PATCH", path, body=body, content_type="application/merge-patch+json")
 
 
 class _Api:
