@@ -38,11 +38,35 @@ request fails when u_fail is below its revision's error rate, and is slow when u
 same requests, and a request that fails on the baseline would also fail on the (worse) canary. Slow requests
 only matter to ours (Flagger and the guide are modelled with their error check only, which favours them).
 
-Run: python bench/canary.py [--runs-bad 1000] [--runs-healthy 2000] [--runs-promote 1000] [--seed 20240611]
+(4) low traffic: a healthy canary (0.1% errors, like the baseline) on a service at 2 req/s, for at most 2 hours.
+    Figure: seconds to promotion, median over all runs (a run still undecided at 2 hours counts as 2 hours, so the
+    median is a lower bound when more than half are undecided). The baseline's record is the hour before the canary
+    at the same rate (the stable revision's counters when the canary is deployed; what `run_canary` passes).
+    - ours: `CanaryAnalysis` with default `Thresholds()`: at low traffic it replaces the declared steps by one step
+      whose share decides within `decision_budget_s` (see the analysis's "Low traffic").
+    - ours_declared (the figure before the change, printed for the record): the same with the adaptation off
+      (`decision_budget_s` unreachable): the declared 5/25/50 steps, fresh evidence at each step.
+    - flagger_like: the scheduler of (1)-(3) at 2 req/s: a check every minute on the last minute's 6 or so canary
+      requests. Its failure modes at low traffic: with so few requests one failed request is a 17% error rate, so a
+      healthy canary occasionally fails a check, while a canary failing 2% of requests passes 89% of its checks and
+      is promoted; a minute with no canary request is "no values found", a failed check (some Flagger versions count
+      it as a pass, fluxcd/flagger 1035, 1689, 1098). It decides in 3 minutes on about 18 canary requests.
+    The same canary failing 2% of requests at 2 req/s (failed user requests before rollback) and a healthy one's false
+    rollbacks at 2 req/s are printed too: the low-traffic schedule must keep both.
+(5) relative latency at 100 req/s, normal step schedule, 10 minutes: baseline latencies log-normal with median 40 ms
+    and sigma 0.35 (p95 71 ms), bucketed as the router buckets them (its LATENCY_BUCKETS); detect: the canary's
+    latencies are 1.5x the baseline's (p95 107 ms, inside the 0.5 s SLO); figure: share rolled back within 10 minutes.
+    false_rollback: identical latencies, watched for 10 minutes at a fixed 50% share (promotion disabled). Default
+    tolerance: latency_ratio_tolerance 1.2, latency_margin_s 2 ms.
+
+Run: python bench/canary.py [--runs-bad 1000] [--runs-healthy 2000] [--runs-promote 1000] [--runs-low 400]
+     [--runs-latency 400] [--seed 20240611]
 Final lines:
   bad_canary_failed_requests ours=<median> flagger_like=<median> guide=<median>
   healthy_false_rollback ours=<rate> flagger_like=<rate>
   healthy_time_to_promote_s ours=<median> flagger_like=<median>
+  low_traffic_2rps_time_to_promote_s ours=<median> flagger_like=<median>
+  relative_latency detect=<share> false_rollback=<share>
 """
 
 from __future__ import annotations
@@ -58,6 +82,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mlops_assets.core.rollout.analysis import CanaryAnalysis, Decision, Thresholds, WindowCounts  # noqa: E402
+from mlops_assets.servers.router import LATENCY_BUCKETS  # noqa: E402
 
 LEVELS = (5, 25, 50)  # canary percents of the step schedule (Flagger's stepWeights and our Thresholds.steps)
 OBSERVE_EVERY_S = 5
@@ -74,6 +99,7 @@ class Outcome:
     decision: str  # "rollback", "promote" or "none" (no decision within the horizon)
     t_s: float  # time of the decision (horizon when none)
     failed: int  # canary requests that failed before the decision
+    evidence: dict | None = None
 
 
 def simulate(rng: np.random.Generator, rate: float, seconds: int, p_canary: float, p_base: float) -> np.ndarray:
@@ -163,6 +189,95 @@ def run_guide(cum: np.ndarray) -> Outcome:
     return Outcome("none", float(horizon), failed_until(cum, [(0, 0)], horizon))
 
 
+@dataclass
+class Stream:
+    """One run's requests, in time order: second, routing / failure / slowness uniforms, baseline latency."""
+
+    second: np.ndarray
+    u_route: np.ndarray
+    u_fail: np.ndarray
+    slow: np.ndarray
+    latency: np.ndarray
+
+
+def make_stream(rng: np.random.Generator, rate: float, seconds: int, latency_median_s: float = 0.04) -> Stream:
+    per_second = rng.poisson(rate, seconds)
+    sec = np.repeat(np.arange(seconds), per_second)
+    latency = latency_median_s * np.exp(0.35 * rng.standard_normal(sec.size))
+    return Stream(sec, rng.random(sec.size), rng.random(sec.size), rng.random(sec.size) < SLOW_SHARE, latency)
+
+
+BOUNDS = np.array([*LATENCY_BUCKETS, np.inf])
+
+
+def histogram(latency: np.ndarray) -> tuple[tuple[float, int], ...]:
+    """Cumulative bucket counts (le, requests at or below le), as the router exports them."""
+    counts = np.searchsorted(np.sort(latency), BOUNDS, side="right")
+    return tuple((float(le), int(n)) for le, n in zip(BOUNDS, counts, strict=True))
+
+
+def run_stream(
+    stream: Stream,
+    thresholds: Thresholds,
+    p_canary: float,
+    p_base: float,
+    *,
+    every: int = OBSERVE_EVERY_S,
+    record: tuple[int, int] = (0, 0),
+    latency_factor: float = 1.0,
+    buckets: bool = False,
+) -> Outcome:
+    """Ours on a request stream with whatever share the analysis asks for (the low-traffic schedule picks its own)."""
+    horizon = int(stream.second[-1]) + 1 if stream.second.size else 0
+    analysis = CanaryAnalysis(thresholds, started_at=0.0, baseline_record=record)
+    edges = np.searchsorted(stream.second, np.arange(0, horizon + every, every))
+    failed = 0
+    for w in range(len(edges) - 1):
+        lo, hi = edges[w], edges[w + 1]
+        to_canary = stream.u_route[lo:hi] < analysis.percent / 100.0
+        to_base = ~to_canary
+        fail = stream.u_fail[lo:hi]
+        slow = stream.slow[lo:hi]
+        k_c = int(np.count_nonzero(to_canary & (fail < p_canary)))
+        failed += k_c
+        counts = WindowCounts(
+            int(to_canary.sum()),
+            k_c,
+            int(np.count_nonzero(to_canary & slow)),
+            int(to_base.sum()),
+            int(np.count_nonzero(to_base & (fail < p_base))),
+            int(np.count_nonzero(to_base & slow)),
+            histogram(stream.latency[lo:hi][to_canary] * latency_factor) if buckets else (),
+            histogram(stream.latency[lo:hi][to_base]) if buckets else (),
+        )
+        verdict = analysis.observe(counts, now=float((w + 1) * every))
+        if verdict.decision in (Decision.ROLLBACK, Decision.PROMOTE):
+            return Outcome(verdict.decision.value, float((w + 1) * every), failed, verdict.evidence)
+    return Outcome("none", float(horizon), failed)
+
+
+def run_flagger_stream(stream: Stream, p_canary: float, threshold: int = 5) -> Outcome:
+    """Flagger's tick loop (as run_flagger) on a request stream."""
+    horizon = int(stream.second[-1]) + 1
+    levels, level, failed_checks, failed = LEVELS, 0, 0, 0
+    t = FLAGGER_INTERVAL_S
+    while t <= horizon:
+        if failed_checks >= threshold:
+            return Outcome("rollback", float(t), failed)
+        lo, hi = np.searchsorted(stream.second, [t - FLAGGER_INTERVAL_S, t])
+        to_canary = stream.u_route[lo:hi] < levels[level] / 100.0
+        n, k = int(to_canary.sum()), int(np.count_nonzero(to_canary & (stream.u_fail[lo:hi] < p_canary)))
+        failed += k
+        if n == 0 or 100.0 * k / n > FLAGGER_MAX_ERROR_PCT:
+            failed_checks += 1
+        elif level + 1 < len(levels):
+            level += 1
+        else:
+            return Outcome("promote", float(t), failed)
+        t += FLAGGER_INTERVAL_S
+    return Outcome("none", float(horizon), failed)
+
+
 def median(xs: list[float]) -> float:
     return float(np.median(xs)) if xs else float("nan")
 
@@ -187,12 +302,18 @@ def main() -> None:
     ap.add_argument("--runs-bad", type=int, default=1000)
     ap.add_argument("--runs-healthy", type=int, default=2000)
     ap.add_argument("--runs-promote", type=int, default=1000)
+    ap.add_argument("--runs-low", type=int, default=400)
+    ap.add_argument("--runs-latency", type=int, default=400)
+    ap.add_argument("--only", choices=("all", "low", "latency"), default="all", help="run only the new scenarios")
     ap.add_argument("--seed", type=int, default=20240611)
     args = ap.parse_args()
     rng = np.random.default_rng(args.seed)
     default = Thresholds()
     watch_only = Thresholds(steps=(LEVELS[0],), min_requests_per_step=10**12)  # ours with promotion disabled
     t_start = time.perf_counter()
+    if args.only != "all":
+        (low_traffic if args.only == "low" else relative_latency)(rng, args)
+        return
 
     # (1) bad canary
     res: dict[str, list[Outcome]] = {"ours": [], "ours_1s": [], "flagger_like": [], "guide": []}
@@ -236,12 +357,71 @@ def main() -> None:
     for name, outs in prom.items():
         print(describe(name, outs))
     ttp = {name: median([o.t_s for o in outs if o.decision == "promote"]) for name, outs in prom.items()}
+    low = low_traffic(rng, args)
+    latency = relative_latency(rng, args)
     print(f"elapsed {time.perf_counter() - t_start:.1f} s")
 
     print(f"bad_canary_failed_requests ours={bad['ours']:g} flagger_like={bad['flagger_like']:g} guide={bad['guide']:g}")
     fr_ours, fr_flagger = rate_of(soak["ours"], "rollback"), rate_of(soak["flagger_like_t1"], "rollback")
     print(f"healthy_false_rollback ours={fr_ours:.4f} flagger_like={fr_flagger:.4f}")
     print(f"healthy_time_to_promote_s ours={ttp['ours']:g} flagger_like={ttp['flagger_like']:g}")
+    print(f"low_traffic_2rps_time_to_promote_s ours={low['ours']:g} flagger_like={low['flagger_like']:g}")
+    print(f"relative_latency detect={latency['detect']:.4f} false_rollback={latency['false_rollback']:.4f}")
+
+
+LOW_RPS, LOW_HORIZON_S, RECORD_S = 2.0, 7200, 3600
+
+
+def low_traffic(rng: np.random.Generator, args: argparse.Namespace) -> dict[str, float]:
+    """(4): a healthy canary at 2 req/s, and a bad one and false rollbacks at the same rate."""
+    default = Thresholds()
+    declared = Thresholds(decision_budget_s=1e12)  # the adaptation off: the schedule before it
+    res: dict[str, list[Outcome]] = {"ours": [], "ours_declared": [], "flagger_like": []}
+    bad: dict[str, list[Outcome]] = {"ours": [], "ours_no_record": [], "flagger_like": []}
+    for _ in range(args.runs_low):
+        record_n = int(rng.poisson(LOW_RPS * RECORD_S))
+        record = (record_n, int(rng.binomial(record_n, 0.001)))
+        healthy = make_stream(rng, LOW_RPS, LOW_HORIZON_S)
+        res["ours"].append(run_stream(healthy, default, 0.001, 0.001, record=record))
+        res["ours_declared"].append(run_stream(healthy, declared, 0.001, 0.001, record=record))
+        res["flagger_like"].append(run_flagger_stream(healthy, 0.001))
+        broken = make_stream(rng, LOW_RPS, LOW_HORIZON_S)
+        bad["ours"].append(run_stream(broken, default, 0.02, 0.001, record=record))
+        bad["ours_no_record"].append(run_stream(broken, default, 0.02, 0.001))
+        bad["flagger_like"].append(run_flagger_stream(broken, 0.02))
+    print(f"(4) low traffic, 2 req/s, baseline record of 1 h, horizon 2 h, {args.runs_low} runs")
+    print("  healthy canary (0.1% errors):")
+    for name, outs in res.items():
+        print(describe(name, outs), f"false_rollback={rate_of(outs, 'rollback'):.4f} undecided={rate_of(outs, 'none'):.3f}")
+    shares = [o.evidence["schedule"]["steps"][0] for o in res["ours"] if o.evidence and o.evidence.get("schedule")]
+    expected = [o.evidence.get("expected_decision_s") for o in res["ours"] if o.evidence]
+    print(f"  ours: low-traffic share median={median(shares):g}%")
+    print(f"  ours: expected_decision_s at promotion: {sum(e is not None for e in expected)} of {len(expected)} reported")
+    print("  canary failing 2% of requests (baseline 0.1%):")
+    for name, outs in bad.items():
+        print(describe(name, outs))
+    return {name: median([o.t_s for o in outs]) for name, outs in res.items()}
+
+
+def relative_latency(rng: np.random.Generator, args: argparse.Namespace) -> dict[str, float]:
+    """(5): a canary 1.5x slower than the baseline (inside the SLO) and an identical one, at 100 req/s."""
+    default = Thresholds()
+    watch_half = Thresholds(steps=(50,), min_requests_per_step=10**12)
+    slow: list[Outcome] = []
+    same: list[Outcome] = []
+    for _ in range(args.runs_latency):
+        stream = make_stream(rng, 100.0, 600)
+        slow.append(run_stream(stream, default, 0.001, 0.001, latency_factor=1.5, buckets=True))
+        same.append(run_stream(make_stream(rng, 100.0, 600), watch_half, 0.001, 0.001, buckets=True))
+    print(f"(5) relative latency, 100 req/s, 10 minutes, {args.runs_latency} runs")
+    print(describe("canary 1.5x slower", slow))
+    print(describe("identical, 50% watch", same))
+    fired: dict[str, int] = {}
+    for o in slow:
+        for name in (o.evidence or {}).get("fired", []) if o.decision == "rollback" else []:
+            fired[name] = fired.get(name, 0) + 1
+    print(f"  tests that fired on the slower canary: {fired}")
+    return {"detect": rate_of(slow, "rollback"), "false_rollback": rate_of(same, "rollback")}
 
 
 if __name__ == "__main__":

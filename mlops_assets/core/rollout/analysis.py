@@ -42,7 +42,7 @@ Rollback tests (H0: "the canary is as good as the baseline and within its SLOs")
 (d) Absolute latency SLO, the same one-sample test on the slow share: "p95 <= max_p95_latency_s" is
     "P(slow) <= 0.05". The caller derives "slow" from the latency histogram and max_p95_latency_s
     (the threshold is recorded here in the evidence only).
-A ROLLBACK is issued as soon as any of the four e-processes reaches its Bonferroni threshold
+A ROLLBACK is issued as soon as any of the rollback e-processes ((a)-(f)) reaches its Bonferroni threshold
 1/(share_i alpha), with shares summing to one (see ROLLBACK_ALPHA_SHARES), so the probability of ever
 rolling back a canary that is as good as the baseline and within its SLOs is at most alpha, however the
 windows are sized and however long the rollout runs. Each test on its own also controls its own null at
@@ -67,6 +67,44 @@ this is an intersection-union test (Berger 1982): a canary that violates either 
 probability at most promote_alpha without splitting promote_alpha between the two tests, because the
 promotion event is contained in "the e-process of the violated SLO crossed 1/promote_alpha", whose
 probability Ville bounds by promote_alpha (for a step started at a stopping time, too).
+
+Low traffic
+-----------
+At a few requests per second the declared steps (5/25/50%, each proving the SLOs on its own traffic) take hours:
+at 2 req/s a 5% canary gets one request every 10 s. The budget there is users exposed, not time. Once the request
+rate is known (MIN_RATE_ESTIMATE_S of data, at the first step), if the declared steps would take longer than
+decision_budget_s, they are replaced by ONE step whose share gets the canary requests a promotion needs (the clean
+requests of the r = 0 bet) within the budget, capped at max_low_traffic_percent; the evidence gathered so far is
+kept. The evidence reports the schedule and expected_decision_s, the expected time to promotion at the observed
+rate if the canary keeps its observed rates. The share is raised only when the baseline's record is long enough
+(RECORD_FACTOR x those requests), because at a large share the concurrent test (a) is slow: each canary error is
+a coin flip when the canary serves half the traffic (at 2 req/s a canary failing 2% of requests would fail about
+11 requests before (a) fires at 50%, 5 at 5%). What carries the comparison then is
+(e) error_vs_baseline_record: H0: the canary's error rate <= the baseline's, the baseline having one rate over its
+    record (what it served before the canary started, e.g. its counters at deployment, plus what it serves during
+    the rollout). Universal inference (Wasserman, Ramdas, Balakrishnan 2020): numerator a fixed mixture over
+    (baseline rate b on RECORD_RATE_GRID, canary rate theta b) of the joint likelihood, denominator the maximum
+    likelihood under H0. For the true null rates, the numerator over their likelihood is a martingale with mean
+    <= 1 (the record is its first observation), and the denominator is at least that likelihood, so Ville's bound
+    holds. It assumes the baseline's rate is stationary over its record (the concurrent test (a) does not); as a
+    guard, (e) fires only if the canary's observed rate during the rollout is also above min_rate_ratio times the
+    baseline's during it, so a surge that hits both revisions now is not blamed on the canary (an extra condition
+    only removes rollbacks).
+
+Relative latency
+----------------
+(f) latency_tail_vs_baseline: the canary's latency is judged against the baseline's distribution with a declared
+    tolerance: p95 at most latency_ratio_tolerance x the baseline's + latency_margin_s. Latencies come as histogram
+    buckets, so the test works on bucket counts: before each window (from the baseline's past windows, so the
+    choice is predictable) x is the smallest bucket bound with at most 5% of the baseline above it (its p95
+    bucket) and y the smallest bound >= ratio x + margin. H0: P(canary > y) <= P(baseline > x), implied by
+    "above the baseline's p95, the canary's latency is within ratio x + margin of the baseline's" (the tolerance
+    taken over the tail, which gives the p95 statement at x >= p95). Test: the conditional two-sample test (a) on
+    the events "canary above y" and "baseline above x". No estimate of the baseline's quantile enters the null:
+    x is only chosen from the past, and any predictable choice keeps every window's ratio a valid e-value, so the
+    estimated quantile costs no validity. Rounding y up to a bound is conservative. Promotion waits for the mirror
+    statement, latency_tail_met (the same events, alternatives theta < 1: the canary's tail credibly lighter),
+    wherever both revisions report histograms.
 
 Missing data is never success: a window of None, or with zero canary requests, changes no evidence; the
 analysis HOLDs (traffic unchanged) while the last good window is at most no_data_deadline_s old and
@@ -108,11 +146,24 @@ SLO_MET_FRACTIONS = (0.0, 0.05, 0.1, 0.2, 0.4, 0.7)
 # it is the fastest detector of the common failure (a broken model throwing errors) and its speed is what the
 # number of failed user requests depends on; the shares sum to one.
 ROLLBACK_ALPHA_SHARES: Mapping[str, float] = {
-    "error_vs_baseline": 0.4,
-    "latency_vs_baseline": 0.2,
-    "error_slo": 0.2,
-    "latency_slo": 0.2,
+    "error_vs_baseline": 0.3,
+    "error_vs_baseline_record": 0.3,
+    "latency_vs_baseline": 0.1,
+    "latency_tail_vs_baseline": 0.1,
+    "error_slo": 0.1,
+    "latency_slo": 0.1,
 }
+# Grid of baseline error rates for the baseline-record test's mixture (log-uniform, about 1.3x apart).
+RECORD_RATE_GRID = np.geomspace(1e-4, 0.1, 20)
+# Rate ratios of the record test start higher than the concurrent test's: it is there for the large jumps (a broken
+# model) at shares where the concurrent test is slow; fewer grid points cost less evidence.
+RECORD_MIN_RATIO = 3.0
+# The low-traffic schedule raises the canary's share only when the baseline's record (its requests before and
+# during the rollout) is at least this many times the canary requests a decision needs: the record test, not the
+# share, then carries the comparison with the baseline (see "Low traffic" above).
+RECORD_FACTOR = 10
+# Data needed before the request rate is trusted for the schedule.
+MIN_RATE_ESTIMATE_S = 30.0
 
 
 class Decision(StrEnum):
@@ -147,6 +198,10 @@ class Thresholds:
     steps: tuple[int, ...] = tuple(_POLICY.steps)  # canary traffic percents; passing the last one promotes
     min_requests_per_step: int = _POLICY.min_requests_per_step  # canary requests needed at each step before it can pass
     no_data_deadline_s: float = _POLICY.no_data_deadline_s  # HOLD while data is missing, ROLLBACK once missing longer
+    decision_budget_s: float = _POLICY.decision_budget_s  # low traffic: raise the share when the steps would be slower
+    max_low_traffic_percent: int = _POLICY.max_low_traffic_percent  # ... up to this canary percent
+    latency_ratio_tolerance: float = _POLICY.latency_ratio_tolerance  # canary latency tail <= ratio x baseline's ...
+    latency_margin_s: float = _POLICY.latency_margin_s  # ... + margin
 
     def __post_init__(self) -> None:
         if not _is_rate(self.max_error_rate):
@@ -173,6 +228,16 @@ class Thresholds:
             raise ValueError(f"min_requests_per_step must be an integer >= 1, got {m!r}")
         if not _is_positive_finite(self.no_data_deadline_s):
             raise ValueError(f"no_data_deadline_s must be a positive finite number of seconds, got {self.no_data_deadline_s!r}")
+        if not _is_positive_finite(self.decision_budget_s):
+            raise ValueError(f"decision_budget_s must be a positive finite number of seconds, got {self.decision_budget_s!r}")
+        p = self.max_low_traffic_percent
+        if isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= 100:
+            raise ValueError(f"max_low_traffic_percent must be an integer percent in [1, 100], got {p!r}")
+        if not (_is_positive_finite(self.latency_ratio_tolerance) and self.latency_ratio_tolerance >= 1.0):
+            raise ValueError(f"latency_ratio_tolerance must be a finite number >= 1, got {self.latency_ratio_tolerance!r}")
+        m = self.latency_margin_s
+        if not (isinstance(m, int | float) and not isinstance(m, bool) and math.isfinite(m) and m >= 0):
+            raise ValueError(f"latency_margin_s must be a finite number of seconds >= 0, got {m!r}")
 
 
 def _is_positive_finite(x: Any) -> bool:
@@ -189,6 +254,10 @@ class WindowCounts:
     baseline_requests: int
     baseline_errors: int
     baseline_slow: int
+    # Latency histograms of the window, as (upper bound in seconds, requests at or below it), the last bound inf;
+    # empty when the metrics have none (the relative latency test then waits).
+    canary_buckets: tuple[tuple[float, int], ...] = ()
+    baseline_buckets: tuple[tuple[float, int], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("canary_requests", "canary_errors", "canary_slow", "baseline_requests", "baseline_errors", "baseline_slow"):
@@ -245,8 +314,10 @@ def conditional_window_log_lr(k_c: Any, k_b: Any, p0: Any, thetas: Any) -> np.nd
 class RelativeRateTest:
     """Mixture e-process for H0: canary per-request rate <= baseline rate (conditional two-sample test)."""
 
-    def __init__(self, min_ratio: float) -> None:
-        self.thetas = rate_ratio_grid(min_ratio)
+    def __init__(self, min_ratio: float, below: bool = False) -> None:
+        # below=True: H0 "canary rate >= baseline rate", alternatives theta = 1/grid (theta^k_c is then decreasing in
+        # k_c, which is stochastically larger under H0, so each window's ratio has expectation <= 1 again).
+        self.thetas = 1.0 / rate_ratio_grid(min_ratio) if below else rate_ratio_grid(min_ratio)
         self._log_theta = [math.log(x) for x in self.thetas]
         self._theta_minus_1 = [x - 1.0 for x in self.thetas]
         self._log_weight = -math.log(len(self.thetas))
@@ -323,11 +394,132 @@ class BernoulliSLOTest:
         return self._log_weight + _logsumexp(self.log_lr())
 
 
+def _log_binomial_lr_terms(k: float, n: float, p: np.ndarray) -> np.ndarray:
+    """k ln p + (n - k) ln(1 - p), with 0 ln 0 = 0 (the binomial log likelihood without its coefficient)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fail = np.where(k > 0, k * np.log(p), 0.0)
+        ok = np.where(n - k > 0, (n - k) * np.log1p(-p), 0.0)
+    return fail + ok
+
+
+class BaselineRecordTest:
+    """E-process for H0: canary error rate <= the baseline's, the baseline's rate being one rate over its whole
+    record (its requests before the canary started and during the rollout); universal inference (see "Low traffic")."""
+
+    def __init__(self, min_ratio: float, record_requests: int = 0, record_errors: int = 0) -> None:
+        thetas = rate_ratio_grid(max(min_ratio, RECORD_MIN_RATIO))
+        b = RECORD_RATE_GRID[:, None]
+        p_c = b * thetas[None, :]
+        valid = p_c < 1.0
+        # Pairs whose canary rate would reach 1 are dropped: the weights then sum to less than one, still valid.
+        self._b = np.broadcast_to(b, p_c.shape)[valid]
+        self._p_c = p_c[valid]
+        self._log_weight = -math.log(p_c.size)
+        self.n_b, self.k_b = int(record_requests), int(record_errors)
+        self.n_c = self.k_c = 0
+        self.rollout_n_b = self.rollout_k_b = 0
+        self._log_e = -math.inf
+
+    def update(self, k_c: int, n_c: int, k_b: int, n_b: int) -> None:
+        self.k_c += k_c
+        self.n_c += n_c
+        self.k_b += k_b
+        self.n_b += n_b
+        self.rollout_k_b += k_b
+        self.rollout_n_b += n_b
+        if self.n_c == 0 or self.n_b == 0:
+            self._log_e = -math.inf
+            return
+        num = _log_binomial_lr_terms(self.k_b, self.n_b, self._b) + _log_binomial_lr_terms(self.k_c, self.n_c, self._p_c)
+        log_num = self._log_weight + float(np.logaddexp.reduce(num))
+        # The null's maximum likelihood: each revision its own rate unless the canary's exceeds the baseline's,
+        # then one pooled rate (the boundary of H0).
+        r_b, r_c = self.k_b / self.n_b, self.k_c / self.n_c
+        if r_c <= r_b:
+            pairs = ((self.k_b, self.n_b, r_b), (self.k_c, self.n_c, r_c))
+        else:
+            pooled = (self.k_b + self.k_c) / (self.n_b + self.n_c)
+            pairs = ((self.k_b, self.n_b, pooled), (self.k_c, self.n_c, pooled))
+        log_den = sum(float(_log_binomial_lr_terms(k, n, np.asarray(min(max(r, 1e-300), 1 - 1e-16)))) for k, n, r in pairs)
+        self._log_e = log_num - log_den
+
+    def canary_worse_during_rollout(self, min_ratio: float) -> bool:
+        """The canary's observed rate during the rollout is above min_ratio x the baseline's during it (a guard, not a
+        test: a common-cause surge that hits both revisions now is not blamed on the canary by the record)."""
+        if self.n_c == 0 or self.k_c == 0:
+            return False
+        if self.rollout_n_b == 0:
+            return True
+        return self.k_c / self.n_c > min_ratio * self.rollout_k_b / self.rollout_n_b
+
+    @property
+    def log_e(self) -> float:
+        return self._log_e
+
+
+def _cumulative_at(buckets: tuple[tuple[float, int], ...], bound: float) -> int:
+    """Requests at or below `bound` (a bucket bound of `buckets`); 0 when it is below every bound."""
+    return max((n for le, n in buckets if le <= bound), default=0)
+
+
+class LatencyTailTest:
+    """Relative latency on bucketed histograms: H0 "the canary's latency tail is within ratio x the baseline's
+    + margin" at the baseline's p95 (see "Relative latency" above); a conditional two-sample test per window."""
+
+    def __init__(self, min_ratio: float, ratio: float, margin_s: float) -> None:
+        self.ratio = ratio
+        self.margin_s = margin_s
+        self.test = RelativeRateTest(min_ratio)
+        self.baseline: dict[float, int] = {}  # cumulative baseline histogram of past windows (the predictable part)
+        self.bounds: tuple[float, float] | None = None  # (x, y) used by the last window
+        self.canary_above = self.baseline_above = 0
+        self.last: tuple[int, int, int, int] | None = None  # the last window's (k_c, n_c, k_b, n_b), None if unused
+
+    def choose_bounds(self, bounds: list[float]) -> tuple[float, float] | None:
+        """(x, y): x the smallest finite bound with at most 5% of the baseline's past requests above it (its p95
+        bucket), y the smallest bound >= ratio x + margin; None while neither exists."""
+        total = self.baseline.get(math.inf, 0)
+        if total == 0:
+            return None
+        finite = sorted(b for b in bounds if math.isfinite(b))
+        x = next((b for b in finite if total - self.baseline.get(b, 0) <= P95_SLOW_SHARE * total), None)
+        if x is None:
+            return None
+        y = next((b for b in finite if b >= self.ratio * x + self.margin_s - 1e-12), None)
+        return None if y is None else (x, y)
+
+    def update(self, window: WindowCounts) -> None:
+        self.last = None
+        if window.canary_buckets and window.baseline_buckets:
+            bounds = [le for le, _ in window.canary_buckets]
+            chosen = self.choose_bounds(bounds)
+            if chosen is not None:
+                x, y = chosen
+                self.bounds = chosen
+                # Totals from the histograms themselves (their +Inf bucket), so counts and totals agree.
+                n_c, n_b = _cumulative_at(window.canary_buckets, math.inf), _cumulative_at(window.baseline_buckets, math.inf)
+                k_c = max(n_c - _cumulative_at(window.canary_buckets, y), 0)
+                k_b = max(n_b - _cumulative_at(window.baseline_buckets, x), 0)
+                if n_c > 0 and n_b > 0:
+                    self.canary_above += k_c
+                    self.baseline_above += k_b
+                    self.test.update(k_c, n_c, k_b, n_b)
+                    self.last = (k_c, n_c, k_b, n_b)
+        for le, n in window.baseline_buckets:
+            self.baseline[le] = self.baseline.get(le, 0) + int(n)
+
+    @property
+    def log_e(self) -> float:
+        return self.test.log_e
+
+
 # --------------------------------------------------------------------------------------------------------------
 # the analysis
 
 _ROLLBACK_DESCRIPTIONS = {
     "error_vs_baseline": "canary error rate higher than baseline's",
+    "error_vs_baseline_record": "canary error rate higher than the baseline's over its record",
+    "latency_tail_vs_baseline": "canary latency tail beyond the tolerance over the baseline's",
     "latency_vs_baseline": "canary slow-request share (latency above the p95 threshold) higher than baseline's",
     "error_slo": "canary error rate above the error SLO",
     "latency_slo": "canary p95 latency above the latency SLO",
@@ -335,6 +527,7 @@ _ROLLBACK_DESCRIPTIONS = {
 _PROMOTE_DESCRIPTIONS = {
     "error_slo_met": "error rate below the SLO",
     "latency_slo_met": "p95 latency within the SLO",
+    "latency_tail_met": "latency tail within the tolerance over the baseline's",
 }
 
 
@@ -356,10 +549,14 @@ def _rate(k: int, n: int) -> float | None:
 class CanaryAnalysis:
     """Sequential canary analysis: feed it one `WindowCounts` per window with `observe`, apply `Verdict.percent`."""
 
-    def __init__(self, thresholds: Thresholds, started_at: float) -> None:
+    def __init__(self, thresholds: Thresholds, started_at: float, baseline_record: tuple[int, int] = (0, 0)) -> None:
+        """`baseline_record`: (requests, errors) the baseline served before the canary started, e.g. its cumulative
+        counters at the start (see "Low traffic")."""
         self.thresholds = thresholds
         self.started_at = float(started_at)
         self._step = 0
+        self._steps = tuple(thresholds.steps)
+        self._schedule: dict[str, Any] = {"mode": "declared"}
         self._last_data_at = float(started_at)
         self._final: Verdict | None = None
         self._windows = 0
@@ -372,9 +569,17 @@ class CanaryAnalysis:
         self._latency_vs_baseline = RelativeRateTest(t.min_rate_ratio)
         self._error_slo = BernoulliSLOTest(t.max_error_rate, "above")
         self._latency_slo = BernoulliSLOTest(P95_SLOW_SHARE, "above")
-        self._rollback_tests: dict[str, RelativeRateTest | BernoulliSLOTest] = {
+        requests, errors = baseline_record
+        if isinstance(requests, bool) or not 0 <= int(errors) <= int(requests):
+            raise ValueError(f"baseline_record must be (requests, errors) with 0 <= errors <= requests, got {baseline_record!r}")
+        self._record = BaselineRecordTest(t.min_rate_ratio, int(requests), int(errors))
+        self._record_before = int(requests)
+        self._latency_tail = LatencyTailTest(t.min_rate_ratio, t.latency_ratio_tolerance, t.latency_margin_s)
+        self._rollback_tests: dict[str, Any] = {
             "error_vs_baseline": self._error_vs_baseline,
+            "error_vs_baseline_record": self._record,
             "latency_vs_baseline": self._latency_vs_baseline,
+            "latency_tail_vs_baseline": self._latency_tail,
             "error_slo": self._error_slo,
             "latency_slo": self._latency_slo,
         }
@@ -385,7 +590,9 @@ class CanaryAnalysis:
         # Constant parts of the evidence, built once.
         self._thresholds_dict = asdict(t)
         self._bounds = {name: _finite(math.exp(b)) for name, b in self._log_rollback_bounds.items()}
-        self._bounds.update({name: _finite(math.exp(self._log_promote_bound)) for name in self._good_tests})
+        self._bounds.update(
+            {name: _finite(math.exp(self._log_promote_bound)) for name in [*self._good_tests, "latency_tail_met"]}
+        )
 
     def _new_step_tests(self) -> None:
         self._step_requests = 0
@@ -394,14 +601,30 @@ class CanaryAnalysis:
             "error_slo_met": BernoulliSLOTest(self.thresholds.max_error_rate, "below"),
             "latency_slo_met": BernoulliSLOTest(P95_SLOW_SHARE, "below"),
         }
+        # Relative latency must be shown within its tolerance too, wherever both revisions report histograms: the
+        # canary's share above y credibly below the baseline's above x (fresh at every step, like the others).
+        self._tail_met = RelativeRateTest(self.thresholds.min_rate_ratio, below=True)
+        self._tail_met_windows = 0
         self._log_e.update(dict.fromkeys(self._good_tests, 0.0))
+        self._log_e["latency_tail_met"] = 0.0
+
+    def record_baseline(self, requests: int, errors: int) -> None:
+        """Add what the baseline served before the canary started (e.g. its cumulative counters when the canary was
+        deployed) to its record; only before the first window."""
+        if self._windows or self._missing_windows:
+            raise RuntimeError("the baseline's record must be given before the first window")
+        if isinstance(requests, bool) or not 0 <= int(errors) <= int(requests):
+            raise ValueError(f"the baseline's record must have 0 <= errors <= requests, got ({requests!r}, {errors!r})")
+        self._record.n_b += int(requests)
+        self._record.k_b += int(errors)
+        self._record_before += int(requests)
 
     @property
     def percent(self) -> int:
         """Canary traffic percent of the current step (0 after a rollback, 100 after promotion)."""
         if self._final is not None:
             return self._final.percent
-        return self.thresholds.steps[self._step]
+        return self._steps[self._step]
 
     @property
     def finished(self) -> bool:
@@ -441,6 +664,11 @@ class CanaryAnalysis:
         self._latency_vs_baseline.update(w.canary_slow, w.canary_requests, w.baseline_slow, w.baseline_requests)
         self._error_slo.update(w.canary_errors, w.canary_requests)
         self._latency_slo.update(w.canary_slow, w.canary_requests)
+        self._record.update(int(w.canary_errors), int(w.canary_requests), int(w.baseline_errors), int(w.baseline_requests))
+        self._latency_tail.update(w)
+        if self._latency_tail.last is not None:
+            self._tail_met.update(*self._latency_tail.last)
+            self._tail_met_windows += 1
         self._step_requests += int(w.canary_requests)
         self._step_windows += 1
         self._good_tests["error_slo_met"].update(int(w.canary_errors), int(w.canary_requests))
@@ -451,6 +679,8 @@ class CanaryAnalysis:
         self._log_e = {name: test.log_e for name, test in rb.items()}
         self._log_e.update({name: test.log_e for name, test in self._good_tests.items()})
         fired = [name for name in rb if self._log_e[name] >= self._log_rollback_bounds[name]]
+        if "error_vs_baseline_record" in fired and not self._record.canary_worse_during_rollout(t.min_rate_ratio):
+            fired.remove("error_vs_baseline_record")
         if fired:
             name = fired[0]
             e = _e_value(self._log_e[name])
@@ -465,10 +695,13 @@ class CanaryAnalysis:
             )
 
         good = {name: self._log_e[name] >= self._log_promote_bound for name in self._good_tests}
+        self._log_e["latency_tail_met"] = self._tail_met.log_e
+        if self._tail_met_windows:  # only where both revisions report latency histograms
+            good["latency_tail_met"] = self._tail_met.log_e >= self._log_promote_bound
         enough = self._step_requests >= t.min_requests_per_step
         if enough and all(good.values()):
             passed = self.percent
-            if self._step + 1 == len(t.steps):
+            if self._step + 1 == len(self._steps):
                 return self._finish(
                     Decision.PROMOTE,
                     f"Promoted: step {passed}% passed, canary within both SLOs ({self._summary()}).",
@@ -476,7 +709,7 @@ class CanaryAnalysis:
                     now,
                     fired=[],
                 )
-            evidence = self._evidence(now, fired=[], step_passed=passed, next_percent=t.steps[self._step + 1])
+            evidence = self._evidence(now, fired=[], step_passed=passed, next_percent=self._steps[self._step + 1])
             self._step += 1
             self._new_step_tests()
             return Verdict(
@@ -485,7 +718,8 @@ class CanaryAnalysis:
                 self.percent,
                 evidence,
             )
-        missing = []
+        switched = self._adapt_to_traffic(now)
+        missing = [switched] if switched else []
         if not enough:
             missing.append(f"{self._step_requests}/{t.min_requests_per_step} canary requests")
         missing += [f"{_PROMOTE_DESCRIPTIONS[name]} not yet shown" for name, ok in good.items() if not ok]
@@ -495,6 +729,84 @@ class CanaryAnalysis:
             self.percent,
             self._evidence(now, fired=[]),
         )
+
+    def _observed_rps(self) -> float | None:
+        """Requests per second to the service (canary and baseline) since the canary started, or None."""
+        span = self._last_data_at - self.started_at
+        total = self._totals["canary_requests"] + self._totals["baseline_requests"]
+        return total / span if span > 0 and total > 0 else None
+
+    def _clean_requests_per_step(self) -> int:
+        """Canary requests a step needs at least: those that show the error SLO with no failure at all (the r = 0
+        alternative of the promotion test), or min_requests_per_step if more."""
+        t = self.thresholds
+        log_bound = self._log_promote_bound + math.log(len(SLO_MET_FRACTIONS))
+        return max(math.ceil(log_bound / -math.log1p(-t.max_error_rate)), t.min_requests_per_step)
+
+    def _adapt_to_traffic(self, now: float) -> str | None:
+        """At step one, once the request rate is known: if the declared steps would take longer than the decision
+        budget, replace them with one step whose share reaches a decision within the budget (see "Low traffic")."""
+        t = self.thresholds
+        if self._schedule["mode"] != "declared" or self._step != 0:
+            return None
+        rps = self._observed_rps()
+        if rps is None or self._last_data_at - self.started_at < MIN_RATE_ESTIMATE_S:
+            return None
+        n_clean = self._clean_requests_per_step()
+        declared_s = sum(n_clean / (rps * s / 100.0) for s in self._steps)
+        if declared_s <= t.decision_budget_s:
+            return None
+        needed = max(n_clean - self._step_requests, 1)
+        share = math.ceil(100.0 * needed / (rps * t.decision_budget_s))
+        record_ok = self._record.n_b >= RECORD_FACTOR * n_clean
+        percent = min(max(share, self._steps[0]), t.max_low_traffic_percent) if record_ok else self._steps[0]
+        percent = max(percent, self._steps[0])
+        self._steps = (percent,)
+        self._schedule = {
+            "mode": "low_traffic",
+            "observed_rps": round(rps, 4),
+            "declared_steps": list(t.steps),
+            "declared_schedule_s": round(declared_s, 1),
+            "decision_budget_s": t.decision_budget_s,
+            "baseline_record_sufficient": record_ok,
+        }
+        why = "" if record_ok else f" (kept: the baseline's record of {self._record.n_b} requests is too short to raise it)"
+        return (
+            f"low traffic ({rps:.3g} req/s): the declared steps would take about {declared_s:.0f} s, over the "
+            f"{t.decision_budget_s:g} s budget, so one step at {percent}%{why}"
+        )
+
+    def _requests_to_pass(self) -> float | None:
+        """Canary requests the current step still needs if the canary keeps its observed rates, or None if it is not
+        expected to pass at those rates."""
+        needed = float(max(self.thresholds.min_requests_per_step - self._step_requests, 0))
+        for test in self._good_tests.values():
+            q = test.k / test.n if test.n else 0.0
+            if q >= test.p0:
+                return None
+            best = math.inf
+            for llr, p1 in zip(test.log_lr(), test.alternatives, strict=True):
+                drift = (q * math.log(p1 / test.p0) if p1 > 0 else (0.0 if q == 0 else -math.inf)) + (1 - q) * (
+                    math.log1p(-p1) - math.log1p(-test.p0)
+                )
+                if drift > 0 and llr > -math.inf:
+                    best = min(best, max(self._log_promote_bound - test._log_weight - llr, 0.0) / drift)
+            if not math.isfinite(best):
+                return None
+            needed = max(needed, best)
+        return needed
+
+    def _expected_decision_s(self, now: float) -> float | None:
+        """Expected seconds until promotion at the observed request rate and the schedule's shares, if the canary
+        keeps its observed rates (None while the rate is unknown or the canary is not on course to pass)."""
+        rps = self._observed_rps()
+        needed = self._requests_to_pass()
+        if rps is None or needed is None or self._final is not None:
+            return None
+        n_clean = self._clean_requests_per_step()
+        seconds = needed / (rps * self.percent / 100.0)
+        seconds += sum(n_clean / (rps * s / 100.0) for s in self._steps[self._step + 1 :])
+        return round(seconds, 1)
 
     def _finish(self, decision: Decision, reason: str, percent: int, now: float, fired: list[str]) -> Verdict:
         self._final = Verdict(decision, reason, percent, self._evidence(now, fired=fired, final=decision.value))
@@ -538,7 +850,11 @@ class CanaryAnalysis:
             "e_value_thresholds": dict(self._bounds),
             "fired": list(fired),
             "step_index": self._step,
-            "step_percent": t.steps[self._step],
+            "step_percent": self._steps[self._step],
+            "schedule": {**self._schedule, "steps": list(self._steps)},
+            "expected_decision_s": self._expected_decision_s(now),
+            "latency_tail_bounds_s": list(self._latency_tail.bounds) if self._latency_tail.bounds else None,
+            "baseline_record": {"before_canary": self._record_before, "requests": self._record.n_b, "errors": self._record.k_b},
             "step_canary_requests": self._step_requests,
             "step_windows": self._step_windows,
             "windows": self._windows,

@@ -43,6 +43,13 @@ class RolloutPolicy(EngineConfig):
     steps: list[int] = Field(default_factory=lambda: list(ROLLOUT_DEFAULTS["steps"]))
     min_requests_per_step: int = Field(default=ROLLOUT_DEFAULTS["min_requests_per_step"], ge=1)
     no_data_deadline_s: float = Field(default=120.0, gt=0)
+    # Low traffic (see core/rollout/analysis.py): when the declared steps would take longer than this at the
+    # observed request rate, the canary's share is raised (up to max_low_traffic_percent) so that it decides in time.
+    decision_budget_s: float = Field(default=600.0, gt=0)
+    max_low_traffic_percent: int = Field(default=50, ge=1, le=100)
+    # Relative latency: the canary's latency tail may be at most this multiple of the baseline's, plus the margin.
+    latency_ratio_tolerance: float = Field(default=1.2, ge=1)
+    latency_margin_s: float = Field(default=0.002, ge=0)
     poll_s: float = Field(default=ROLLOUT_DEFAULTS["poll_s"], gt=0)
     timeout_s: float = Field(default=900.0, gt=0)
     validation_requests: int = Field(default=50, ge=1)

@@ -147,6 +147,8 @@ def _window(now, before, candidate, stable, slow_s) -> WindowCounts:
         baseline_requests=b.requests,
         baseline_errors=b.errors,
         baseline_slow=b.slow_count(slow_s),
+        canary_buckets=tuple(sorted(c.buckets.items())),
+        baseline_buckets=tuple(sorted(b.buckets.items())),
     )
 
 
@@ -238,6 +240,9 @@ def run_canary(ctx: RolloutContext, manifest: dict, thresholds: Thresholds) -> R
     if unchanged is not None:
         return unchanged
     start_counts = ctx.counts(status.url)
+    if start_counts is not None and stable in start_counts:
+        # The stable revision's counters so far are its record: at low traffic the canary is compared with it.
+        analysis.record_baseline(start_counts[stable].requests, start_counts[stable].errors)
     ctx.event("canary_start", status, {"candidate": candidate, "stable": stable, "reason": "canary deployed"}, analysis.percent)
     current = {"percent": analysis.percent}
 
