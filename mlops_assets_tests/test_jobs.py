@@ -33,9 +33,15 @@ MODEL = "fraud_detector"
 def test_every_strategy_has_its_job_and_each_job_binds_its_strategy():
     assert set(JOB_FOR_STRATEGY) == set(Strategy)
     tags = {job.name: job.tags[ROLLOUT_TAG] for job in rollout_jobs}
-    assert tags == {"canary_rollout_job": "canary", "blue_green_job": "blue_green", "ab_test_job": "ab_test"}
+    assert tags == {
+        "canary_rollout_job": "canary",
+        "blue_green_job": "blue_green",
+        "ab_test_job": "ab_test",
+        "shadow_job": "shadow",
+        "shadow_then_canary_job": "shadow_then_canary",
+    }
     assert rollback_job.tags[ROLLOUT_TAG] == ROLLBACK
-    assert set(ACTIONS) == {"canary", "blue_green", "ab_test", "rollback"}
+    assert set(ACTIONS) == {"canary", "blue_green", "ab_test", "shadow", "shadow_then_canary", "rollback"}
 
 
 @pytest.fixture()

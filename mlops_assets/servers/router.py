@@ -47,14 +47,26 @@ Metrics on `/metrics` (Prometheus text; counters get the `_total` suffix):
 * `mlops_router_rerouted_requests_total{isvc,from_revision,to_revision}`: requests the split (or
   the failed attempt) meant for `from_revision` that `to_revision` served instead.
 * `model_drift_share{isvc}`, `model_drift_score{isvc,feature}`: the latest drift report.
+* `mlops_router_mirrored_requests_total{isvc,revision,code}`, `mlops_router_mirror_dropped_total{isvc,revision}`,
+  `mlops_router_mirror_duration_seconds{isvc,revision}`: shadow traffic (below); never in the counts above.
+
+Shadow traffic: a table with `"mirror": {"revision": r, "percent": p, "max_in_flight": m}` copies p% of the
+POSTs the split sends elsewhere (never tag routes) to revision r, after the stable answer has gone back to
+the user: fire and forget, on a pool of its own, with a timeout of its own (`MIRROR_TIMEOUT_S`). At most m
+copies wait at once; a request picked while m wait is not mirrored and is counted as dropped, so a slow or
+dead shadow costs the primary nothing but the copy. Each mirrored request is kept as a pair (request,
+both answers, statuses, latencies; `MIRROR_BUFFER` at most) that `GET /-/shadow?since=<seq>` hands to the
+rollout's paired comparison (`core/rollout/shadow.py`).
 `GET /-/healthz` also lists the ejected revisions with the seconds left of their ejection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import ipaddress
+import itertools
 import json
 import random
 import re
@@ -77,6 +89,12 @@ EJECT_BASE_S = 2.0
 EJECT_MAX_S = 30.0
 CONTROL_MAX_BYTES = 1 << 20
 CONTROL_MAX_DEPTH = 32
+MIRROR_MAX_IN_FLIGHT = 8
+MIRROR_TIMEOUT_S = 10.0
+#: Mirrored pairs kept for `GET /-/shadow` (the oldest are dropped first, and counted as lost by readers).
+MIRROR_BUFFER = 20_000
+#: A mirrored request body above this is compared without its input in the record.
+MIRROR_MAX_BODY = 64 * 1024
 _REVISION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}\Z")
 _DNS_NAME = re.compile(
     r"(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z"
@@ -358,6 +376,7 @@ def _compile_routes(routes) -> dict:
     order = sorted((r for r in shares if shares[r] > 0), key=lambda r: -shares[r])
     if tags.get("prev") and tags["prev"] not in order:
         order.append(tags["prev"])
+    mirror = _compile_mirror(routes.get("mirror"), revisions)
     return {
         "routes": routes,
         "cumulative": cumulative,
@@ -366,7 +385,24 @@ def _compile_routes(routes) -> dict:
         "tags": dict(tags),
         "fallbacks": {rev: tuple(r for r in order if r != rev) for rev in revisions},
         "fallbacks_any": tuple(order),
+        "mirror": mirror,
     }
+
+
+def _compile_mirror(mirror, revisions: dict) -> tuple[str, float, int] | None:
+    """(revision, percent, max in flight) of a table's `mirror` entry, or None when there is none."""
+    if mirror is None:
+        return None
+    if not isinstance(mirror, dict):
+        raise RoutingError(f"mirror is {{'revision': name, 'percent': 0-100, 'max_in_flight': int}}, got {mirror!r}")
+    rev, pct, limit = mirror.get("revision"), mirror.get("percent", 100), mirror.get("max_in_flight", MIRROR_MAX_IN_FLIGHT)
+    if not isinstance(rev, str) or rev not in revisions:
+        raise RoutingError(f"mirror names unknown revision {rev!r}")
+    if isinstance(pct, bool) or not isinstance(pct, int | float) or not 0 < pct <= 100:
+        raise RoutingError(f"mirror percent must be a number in (0, 100], got {pct!r}")
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1024:
+        raise RoutingError(f"mirror max_in_flight must be an integer 1-1024, got {limit!r}")
+    return rev, float(pct), limit
 
 
 def validate_routes(routes: dict) -> dict:
@@ -447,6 +483,32 @@ class PayloadLog:
         self.handle.close()
 
 
+def _json_or_text(data: bytes | None):
+    if data is None:
+        return None
+    try:
+        return json.loads(data)
+    except ValueError:
+        return {"text": data[:2000].decode("utf-8", "replace")}
+
+
+def _pair_json(pair: tuple) -> dict:
+    seq, ts, stable, status, latency, payload, revision, shadow_status, shadow_latency, shadow_payload, body = pair
+    return {
+        "seq": seq,
+        "ts": round(ts, 3),
+        "stable_revision": stable,
+        "stable_status": status,
+        "stable_latency_s": round(latency, 6),
+        "stable": _json_or_text(payload),
+        "candidate_revision": revision,
+        "candidate_status": shadow_status,
+        "candidate_latency_s": round(shadow_latency, 6),
+        "candidate": _json_or_text(shadow_payload) if shadow_status else None,
+        "request": _json_or_text(body),
+    }
+
+
 def _error(message: str, revision: str) -> bytes:
     return json.dumps({"error": message, "revision": revision}).encode()
 
@@ -503,6 +565,34 @@ class Router:
         # ejection interval (kept until it answers again, so repeated failures back off).
         self.ejected: dict[str, float] = {}
         self.eject_interval: dict[str, float] = {}
+        self.mirrored = Counter(
+            "mlops_router_mirrored_requests",
+            "Requests mirrored to a shadow revision, by the status of its answer (0: no answer); users never get it",
+            ["isvc", "revision", "code"],
+            registry=self.registry,
+        )
+        self.mirror_dropped = Counter(
+            "mlops_router_mirror_dropped",
+            "Requests picked for mirroring but not mirrored: max_in_flight mirrored requests were already waiting",
+            ["isvc", "revision"],
+            registry=self.registry,
+        )
+        self.mirror_latency = Histogram(
+            "mlops_router_mirror_duration_seconds",
+            "Latency of the shadow revision on mirrored requests",
+            ["isvc", "revision"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        # Shadow traffic: its own connection pool (a slow shadow never holds the primary's connections),
+        # the mirrored requests in flight (bounded: beyond max_in_flight they are dropped and counted), and
+        # the recorded pairs that `GET /-/shadow` hands to the rollout, numbered from 1.
+        self.mirror_pool: _UpstreamPool | None = None
+        self.mirror_in_flight = 0
+        self.mirror_dropped_total = 0
+        self.mirror_tasks: set[asyncio.Task] = set()
+        self.shadow_pairs: collections.deque = collections.deque(maxlen=MIRROR_BUFFER)
+        self.shadow_seq = 0
         try:
             routes = json.loads(routes_file.read_text())
         except (OSError, ValueError) as exc:
@@ -675,12 +765,84 @@ class Router:
             return self._answer(revision, 503, _error(message, revision), start)
         if self.eject_interval:
             self._readmit(target)
-        self.latency.labels(self.isvc, target).observe(time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        self.latency.labels(self.isvc, target).observe(elapsed)
         self.requests.labels(self.isvc, target, str(status)).inc()
+        mirror = self.mirror
+        if mirror is not None and not tagged and method == "POST" and target != mirror[0] and random.random() * 100.0 < mirror[1]:
+            self._mirror(mirror, method, path, lines, body, target, status, payload, elapsed)
         if status == 200 and self.payload_log is not None:
             self.payload_log.maybe_log(body)
         headers = {"content-type": content_type or "application/json", "x-mlops-revision": target}
         return web.Response(body=payload, status=status, headers=headers)
+
+    # ---- shadow traffic --------------------------------------------------------------------------
+    def _mirror(self, mirror, method: str, path: str, lines: str, body: bytes, stable: str, status: int, payload, latency):
+        """Send a copy of a request the stable revision has answered to the shadow revision, fire and forget:
+        the user already has the stable answer, and a shadow that is slow or down only fills its own
+        bounded set of requests in flight; past `max_in_flight` the copy is dropped and counted."""
+        revision, _, limit = mirror
+        if self.mirror_in_flight >= limit:
+            self.mirror_dropped.labels(self.isvc, revision).inc()
+            self.mirror_dropped_total += 1
+            return
+        key, host, prefix = self.upstream_keys[revision]
+        head_bytes = f"{method} {prefix}{path} HTTP/1.1\r\nhost: {host}\r\nx-mlops-shadow: true\r\n{lines}".encode("latin-1")
+        self.mirror_in_flight += 1
+        task = asyncio.get_running_loop().create_task(
+            self._shadow_request(revision, key, head_bytes, body, stable, status, payload, latency)
+        )
+        self.mirror_tasks.add(task)
+        task.add_done_callback(self.mirror_tasks.discard)
+
+    async def _shadow_request(self, revision, key, head: bytes, body: bytes, stable, status, payload, latency) -> None:
+        start = time.perf_counter()
+        try:
+            shadow_status, _, shadow_payload = await self.mirror_pool.request(key, head, body)
+        except Exception:  # noqa: BLE001 - no answer (refused, timed out, broken): recorded as status 0
+            shadow_status, shadow_payload = 0, b""
+        finally:
+            self.mirror_in_flight -= 1
+        elapsed = time.perf_counter() - start
+        self.mirror_latency.labels(self.isvc, revision).observe(elapsed)
+        self.mirrored.labels(self.isvc, revision, str(shadow_status)).inc()
+        self.shadow_seq += 1
+        request = body if len(body) <= MIRROR_MAX_BODY else None
+        record = (self.shadow_seq, time.time(), stable, status, latency, payload)
+        self.shadow_pairs.append((*record, revision, shadow_status, elapsed, shadow_payload, request))
+
+    async def shadow(self, request: web.Request) -> web.Response:
+        """`GET /-/shadow?since=<seq>&limit=<n>`: the mirrored pairs recorded after `since` (both answers,
+        their statuses and latencies, the request), `next` to pass as `since` the next time, and `lost`:
+        pairs after `since` already dropped from the buffer. A router that restarted numbers from 1 again
+        and says `restarted`."""
+        try:
+            since = max(0, int(request.query.get("since", "0")))
+            limit = min(max(1, int(request.query.get("limit", "5000"))), MIRROR_BUFFER)
+        except ValueError:
+            return web.json_response({"error": "since and limit are integers"}, status=400)
+        restarted = since > self.shadow_seq
+        if restarted:
+            since = 0
+        pairs = self.shadow_pairs
+        first = pairs[0][0] if pairs else self.shadow_seq + 1
+        lost = max(0, first - 1 - since)
+        start = max(0, since + 1 - first)
+        records = [_pair_json(p) for p in itertools.islice(pairs, start, start + limit)]
+        mirror = self.mirror
+        return web.json_response(
+            {
+                "isvc": self.isvc,
+                "mirror": None if mirror is None else {"revision": mirror[0], "percent": mirror[1], "max_in_flight": mirror[2]},
+                "mirrored": self.shadow_seq,
+                "dropped": self.mirror_dropped_total,
+                "in_flight": self.mirror_in_flight,
+                "lost": lost,
+                "restarted": restarted,
+                "next": records[-1]["seq"] if records else max(since, first - 1),
+                "pairs": records,
+            }
+        )
 
     async def update_routes(self, request: web.Request) -> web.Response:
         try:
@@ -746,10 +908,15 @@ class Router:
 
     async def on_startup(self, app: web.Application) -> None:
         self.pool = _UpstreamPool(timeout=30.0)
+        self.mirror_pool = _UpstreamPool(timeout=MIRROR_TIMEOUT_S, connect_timeout=2.0)
 
     async def on_cleanup(self, app: web.Application) -> None:
+        for task in list(self.mirror_tasks):
+            task.cancel()
         if self.pool:
             self.pool.close()
+        if self.mirror_pool:
+            self.mirror_pool.close()
         if self.payload_log is not None:
             self.payload_log.close()
 
@@ -760,6 +927,7 @@ class Router:
         app.router.add_post("/-/feedback", self.record_feedback)
         app.router.add_post("/-/drift", self.record_drift)
         app.router.add_post("/-/payloads/flush", self.payloads)
+        app.router.add_get("/-/shadow", self.shadow)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_route("*", "/{tail:.*}", self.proxy)
         app.on_startup.append(self.on_startup)

@@ -16,6 +16,11 @@ class Strategy(StrEnum):
     CANARY = "canary"
     BLUE_GREEN = "blue_green"
     AB_TEST = "ab_test"
+    #: Live requests mirrored to the candidate, users served by the stable revision only; promoted when the paired
+    #: comparison passes (`shadow.py`).
+    SHADOW = "shadow"
+    #: Shadow first; when it passes, a canary of the same revision.
+    SHADOW_THEN_CANARY = "shadow_then_canary"
 
 
 #: The registry tag (on a version, or else on its model) that picks the strategy of its rollout.
@@ -56,6 +61,15 @@ class RolloutPolicy(EngineConfig):
     ab_alpha: float = Field(default=0.05, gt=0, le=0.5)
     ab_base_rate: float = Field(default=ROLLOUT_DEFAULTS["ab_base_rate"], gt=0, lt=1)
     ab_min_lift: float = Field(default=ROLLOUT_DEFAULTS["ab_min_lift"], gt=0)
+    # Shadow traffic (see core/rollout/shadow.py): how much is mirrored, and what the candidate may change.
+    shadow_percent: int = Field(default=100, ge=1, le=100)
+    shadow_max_in_flight: int = Field(default=8, ge=1, le=1024)
+    shadow_threshold: float | None = None  # a classifier's decision threshold; None: compare scores / regressions
+    shadow_max_flip_rate: float = Field(default=0.02, gt=0, lt=1)
+    shadow_max_mean_abs_diff: float = Field(default=0.05, gt=0)
+    shadow_diff_cap: float = Field(default=1.0, gt=0)
+    shadow_max_ks_distance: float = Field(default=0.2, gt=0, lt=1)
+    shadow_min_requests: int = Field(default=200, ge=1)
 
     def thresholds(self):
         """The policy as the analysis's `Thresholds`, whose every field is a field of the policy (numpy is imported
@@ -66,3 +80,15 @@ class RolloutPolicy(EngineConfig):
 
         values = {f.name: getattr(self, f.name) for f in fields(Thresholds)}
         return Thresholds(**{**values, "steps": tuple(self.steps)})
+
+    def shadow_tolerances(self):
+        """The policy as the shadow analysis's `ShadowTolerances` (the `shadow_*` fields and the shared SLOs)."""
+        from dataclasses import fields
+
+        from mlops_assets.core.rollout.shadow import ShadowTolerances
+
+        names = {f.name for f in fields(ShadowTolerances)}
+        values = {name: getattr(self, name) for name in names if name in type(self).model_fields}
+        values |= {name: getattr(self, f"shadow_{name}") for name in names if f"shadow_{name}" in type(self).model_fields}
+        values["min_requests"] = self.shadow_min_requests
+        return ShadowTolerances(**values)

@@ -29,6 +29,7 @@ from mlops_assets.core.rollout.strategies import (
     run_ab_test,
     run_blue_green,
     run_canary,
+    run_shadow,
 )
 from mlops_assets.core.serving.lock import LockInfo
 from mlops_assets.core.serving.manifest import Deployment, build_inference_service, isvc_name_for
@@ -157,6 +158,17 @@ class RolloutRunner:
             if self.validation_body is None:
                 raise ValueError("a blue-green rollout needs a validation request body for the new revision")
             return run_blue_green(ctx, manifest, self.policy.thresholds(), self.validation_body, self.policy.validation_requests)
+        if strategy in (Strategy.SHADOW, Strategy.SHADOW_THEN_CANARY):
+            p = self.policy
+            return run_shadow(
+                ctx,
+                manifest,
+                p.thresholds(),
+                p.shadow_tolerances(),
+                p.shadow_percent,
+                p.shadow_max_in_flight,
+                then_canary=strategy is Strategy.SHADOW_THEN_CANARY,
+            )
         from mlops_assets.core.rollout.ab import ABTest
 
         ab = ABTest(alpha=self.policy.ab_alpha, base_rate=self.policy.ab_base_rate, lift=self.policy.ab_min_lift)

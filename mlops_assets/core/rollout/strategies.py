@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from mlops_assets.core import http
 from mlops_assets.core.rollout.analysis import CanaryAnalysis, Decision, Thresholds, Verdict, WindowCounts
+from mlops_assets.core.rollout.shadow import MirroredPair, ShadowAnalysis, ShadowTolerances, pair_from_record
 from mlops_assets.core.serving.metrics import MetricsSource, MetricsUnavailableError, RevisionCounts
 from mlops_assets.core.serving.platform import ServiceStatus, ServingPlatform
 
@@ -460,3 +461,91 @@ def run_ab_test(ctx: RolloutContext, manifest: dict, ab, split_percent: int = 50
         reason,
         {"recommendation": recommendation, **evidence},
     )
+
+
+def _shadow_window(ctx: RolloutContext, cursor: int) -> tuple[list[MirroredPair] | None, int, dict]:
+    """The pairs the router mirrored since `cursor`: (pairs or None when unreadable, new cursor, the batch's counters)."""
+    try:
+        batch = ctx.platform.shadow_pairs(ctx.isvc, cursor)
+    except Exception as exc:  # noqa: BLE001 - unreadable pairs are "no data", never a pass
+        ctx.log(f"{ctx.isvc}: mirrored pairs unavailable ({type(exc).__name__}: {exc}); holding")
+        return None, cursor, {}
+    pairs = [pair_from_record(record) for record in batch.get("pairs") or []]
+    counters = {key: batch.get(key, 0) for key in ("mirrored", "dropped", "lost", "in_flight")}
+    return pairs, int(batch.get("next", cursor)), counters
+
+
+@guarded
+def run_shadow(
+    ctx: RolloutContext,
+    manifest: dict,
+    thresholds: Thresholds,
+    tolerances: ShadowTolerances,
+    mirror_percent: int = 100,
+    max_in_flight: int = 8,
+    then_canary: bool = False,
+) -> RolloutResult:
+    """Deploy the candidate at 0%, mirror `mirror_percent`% of live requests to it and compare its answers with
+    the stable revision's on the same inputs (`ShadowAnalysis`), one asset event per window. Rejected: the
+    candidate stays at 0% and is rolled back. Passed: promoted, or with `then_canary` ramped as a canary.
+    Users only ever get the stable revision's answers while the shadow runs; mirroring stops however it ends."""
+    strategy = "shadow_then_canary" if then_canary else "shadow"
+    ctx.started = ctx.clock()
+    status, candidate, stable, unchanged = _deploy_candidate(ctx, manifest, 0, strategy)
+    if unchanged is not None:
+        return unchanged
+    start_counts = ctx.counts(status.url)
+    analysis = ShadowAnalysis(tolerances, started_at=ctx.clock())
+    cursor = int(ctx.platform.shadow_pairs(ctx.isvc).get("next", 0))
+    verdict = None
+    counters: dict = {}
+    try:
+        status = ctx.platform.set_mirror(ctx.isvc, mirror_percent, max_in_flight)
+        reason = f"candidate at 0%; {mirror_percent}% of live requests mirrored to it (at most {max_in_flight} in flight)"
+        ctx.event("shadow_start", status, {"candidate": candidate, "stable": stable, "reason": reason}, 0)
+        deadline = ctx.started + ctx.timeout_s
+        while ctx.clock() < deadline:
+            ctx.sleep(ctx.poll_s)
+            pairs, cursor, batch = _shadow_window(ctx, cursor)
+            if batch:  # the router's totals, and the pairs it dropped from its buffer before they were read
+                counters = {**batch, "lost": counters.get("lost", 0) + batch["lost"]}
+            held = verdict is not None and verdict.decision == Decision.HOLD
+            verdict = analysis.observe(pairs, ctx.clock())
+            # Every window with data is an event; a stretch without data is one event when it begins.
+            if pairs or (verdict.decision == Decision.HOLD and not held):
+                kind = "shadow_window" if pairs else "shadow_hold"
+                ctx.event(kind, status, {"reason": verdict.reason, **verdict.evidence, "router": counters}, 0)
+            if verdict.decision in (Decision.PROMOTE, Decision.ROLLBACK):
+                break
+            down = _candidate_down(ctx, candidate, ctx.candidate_crashes)
+            if down is not None:
+                verdict = Verdict(Decision.ROLLBACK, down, 0, {**verdict.evidence, "fired": ["candidate_down"]})
+                break
+        else:
+            verdict = None
+    finally:
+        status = ctx.platform.set_mirror(ctx.isvc, 0)
+    evidence = {**(verdict.evidence if verdict is not None else analysis.observe([], ctx.clock()).evidence), "router": counters}
+
+    def result(outcome: str, reason: str) -> RolloutResult:
+        failed = [_failed(ctx, start_counts, status.url, rev) for rev in (candidate, stable)]
+        return RolloutResult(strategy, outcome, candidate, stable, *failed, round(ctx.elapsed(), 2), reason, evidence)
+
+    if verdict is None or verdict.decision != Decision.PROMOTE:
+        status = ctx.platform.rollback(ctx.isvc)
+        ctx.decided = True
+        reason = verdict.reason if verdict is not None else f"no shadow decision within {ctx.timeout_s:.0f}s: never promoted"
+        ctx.event("rollback", status, {"reason": reason, **evidence}, 0)
+        return result(ROLLED_BACK, reason)
+    ctx.event("shadow_passed", status, {"reason": verdict.reason, **evidence}, 0)
+    if then_canary:
+        shadow_s = round(ctx.elapsed(), 2)
+        canary = run_canary(ctx, manifest, thresholds)
+        canary.strategy = strategy
+        canary.duration_s = round(canary.duration_s + shadow_s, 2)
+        canary.evidence = {**canary.evidence, "shadow": evidence, "disagreements_table": evidence["disagreements_table"]}
+        return canary
+    status = ctx.platform.promote(ctx.isvc)
+    ctx.decided = True
+    ctx.event("promote", status, {"reason": verdict.reason, **evidence}, 100)
+    return result(PROMOTED, verdict.reason)

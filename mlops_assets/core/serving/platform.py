@@ -76,6 +76,8 @@ class ServiceStatus:
     address: str = ""
     #: Tag -> in-cluster base URL of that revision (Knative's `<tag>-<route>.<namespace>.svc.cluster.local`).
     tag_addresses: dict[str, str] = field(default_factory=dict)
+    #: Shadow traffic: {"revision", "percent", "max_in_flight"} while live requests are mirrored to a revision.
+    mirror: dict = field(default_factory=dict)
 
     def percent_of(self, revision: str | None) -> int:
         return sum(t["percent"] for t in self.traffic if t["revisionName"] == revision)
@@ -155,6 +157,15 @@ class ServingPlatform(EngineConfig, ABC):
         """Expose the latest drift report as Prometheus gauges (model_drift_share, model_drift_score)."""
         raise NotImplementedError(f"{type(self).__name__} does not publish drift gauges")
 
+    def set_mirror(self, name: str, percent: int, max_in_flight: int = 8) -> ServiceStatus:
+        """Mirror `percent`% of live requests to the latest ready revision (not rolled out: users never get
+        its answers), at most `max_in_flight` copies waiting at once; `percent` 0 stops mirroring."""
+        raise NotImplementedError(f"{type(self).__name__} does not mirror traffic")
+
+    def shadow_pairs(self, name: str, since: int = 0) -> dict:
+        """The mirrored requests recorded after `since`, with both answers (the router's `GET /-/shadow`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not record mirrored requests")
+
     @abstractmethod
     def rollback(self, name: str) -> ServiceStatus:
         """During a canary, send all traffic back to the rolled-out revision; after a promotion,
@@ -193,6 +204,25 @@ class LocalPlatform(ServingPlatform):
         code, body = http_json(f"{status.url}/-/drift", {"share": share, "features": scores})
         if code != 200:
             raise RuntimeError(f"router of {name} refused the drift gauges: {code} {body}")
+
+    def set_mirror(self, name: str, percent: int, max_in_flight: int = 8) -> ServiceStatus:
+        if isinstance(percent, bool) or not isinstance(percent, int) or not 0 <= percent <= 100:
+            raise ManifestError(f"mirror percent must be an integer 0-100, got {percent!r}")
+        with self._locked(name) as directory:
+            state = self._require(directory, name)
+            if percent == 0:
+                state.pop("mirror", None)
+            else:
+                candidate = state.get("latest_ready")
+                if candidate is None or candidate == state.get("latest_rolledout"):
+                    raise RolloutStateError(f"{name} has no candidate revision to mirror to (latest ready is rolled out)")
+                state["mirror"] = {"revision": candidate, "percent": percent, "max_in_flight": max_in_flight}
+            self._route_locked(directory, state)
+            return self._status(directory, state)
+
+    def shadow_pairs(self, name: str, since: int = 0) -> dict:
+        status = self.status(name)
+        return http.request(f"{status.url}/-/shadow?since={int(since)}", timeout=10).checked().json()
 
     def rollout_lock(self, name: str) -> RolloutLock:
         from mlops_assets.core.serving.lock import FileRolloutLock
@@ -308,11 +338,15 @@ class LocalPlatform(ServingPlatform):
             for rev, info in state["revisions"].items()
             if info["status"] == "ready" and info.get("port")
         }
-        return {
+        routes = {
             "revisions": revisions,
             "traffic": [{"revision": t["revisionName"], "percent": t["percent"]} for t in traffic],
             "tags": _tags(state),
         }
+        mirror = _mirror(state)
+        if mirror and mirror["revision"] in revisions:
+            routes["mirror"] = mirror
+        return routes
 
     def _push_routes(self, directory: Path, state: dict) -> None:
         routes = self._routes(state)
@@ -427,6 +461,10 @@ class LocalPlatform(ServingPlatform):
             and status.version_of(status.previous_rolledout) != holder.version
         )
         if not (canary_live or switched):
+            if status.mirror:  # a shadow nobody compares any more: stop copying requests to it
+                self.set_mirror(name, 0)
+                shadow = status.mirror["revision"]
+                return f"rollout {holder.rollout_id} (run {holder.run_id}) died while mirroring to {shadow}: mirroring stopped"
             return None
         self.rollback(name)
         return (
@@ -593,6 +631,7 @@ class LocalPlatform(ServingPlatform):
         revision (outlier ejection). Only a target that cannot start at all is an error."""
         with self._locked(name) as directory:
             state = self._require(directory, name)
+            state.pop("mirror", None)  # a rolled-back candidate gets no copies either
             if state["latest_ready"] != state["latest_rolledout"]:
                 state["canary_percent"] = 0
             elif state.get("previous_rolledout"):
@@ -723,6 +762,7 @@ class LocalPlatform(ServingPlatform):
             message=message,
             # The router serves tags under a path prefix (it also honours KServe's latest-/prev- hostnames).
             tag_urls={tag: f"{url}/{tag}" for tag in _tags(state)} if url else {},
+            mirror=_mirror(state),
         )
 
 
@@ -748,6 +788,14 @@ def _traffic(state: dict) -> list[dict]:
         {"revisionName": rev, "percent": p, "latestRevision": rev == ready, **({"tag": tags[rev]} if rev in tags else {})}
         for rev, p in entries
     ]
+
+
+def _mirror(state: dict) -> dict:
+    """The recorded mirror while it still points at a candidate (the latest ready revision, not rolled out)."""
+    mirror = state.get("mirror") or {}
+    if mirror.get("revision") != state.get("latest_ready") or mirror.get("revision") == state.get("latest_rolledout"):
+        return {}
+    return mirror
 
 
 def _tags(state: dict) -> dict[str, str]:

@@ -87,7 +87,9 @@ def counts_table(counts: dict) -> str:
 def _evidence_metadata(evidence: dict) -> dict:
     flat = {}
     for key, value in evidence.items():
-        if isinstance(value, bool | int | float | str) or value is None:
+        if key.endswith("_table") and isinstance(value, str):
+            flat[f"evidence/{key}"] = dg.MetadataValue.md(value)  # e.g. the shadow's most disagreeing examples
+        elif isinstance(value, bool | int | float | str) or value is None:
             flat[f"evidence/{key}"] = "" if value is None else value
     flat["evidence"] = dg.MetadataValue.json(json.loads(json.dumps(evidence, default=str)))
     return flat

@@ -16,6 +16,8 @@ JOB_FOR_STRATEGY: dict[Strategy, str] = {
     Strategy.CANARY: "canary_rollout_job",
     Strategy.BLUE_GREEN: "blue_green_job",
     Strategy.AB_TEST: "ab_test_job",
+    Strategy.SHADOW: "shadow_job",
+    Strategy.SHADOW_THEN_CANARY: "shadow_then_canary_job",
 }
 _DESCRIPTIONS = {
     Strategy.CANARY: "Canary: shift traffic to the new version in steps while sequential tests watch its errors and "
@@ -24,6 +26,11 @@ _DESCRIPTIONS = {
     "switch all traffic at once (the old revision stays warm for a rollback).",
     Strategy.AB_TEST: "A/B test: split traffic between the two versions and promote the new one only if its outcome "
     "metric is better with statistical significance.",
+    Strategy.SHADOW: "Shadow: mirror live requests to the new version (users get only the stable version's answers) and "
+    "compare both answers on the same inputs: decision flips or prediction divergence, errors and latency; promote "
+    "when credibly within the declared tolerances, reject when credibly outside them.",
+    Strategy.SHADOW_THEN_CANARY: "Shadow, then canary: the shadow comparison first; when it passes, a canary of the "
+    "same revision with real users.",
 }
 #: The serving asset of every declared model and its champion alias: what a rollout materializes
 #: (a run request narrows it to one model).
