@@ -27,16 +27,16 @@ T=mlops_assets_tests
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 set +e
-.venv/bin/python -m pytest -p no:cacheprovider --basetemp="$out/demo" --junitxml="$out/demo.xml" $T/test_demo.py >"$out/demo.log" 2>&1 &
+.venv/bin/python -m pytest -p no:cacheprovider --durations=12 --basetemp="$out/demo" --junitxml="$out/demo.xml" $T/test_demo.py >"$out/demo.log" 2>&1 &
 demo=$!
-.venv/bin/python -m pytest -p no:cacheprovider --basetemp="$out/beside" --junitxml="$out/beside.xml" -m "not latency" --ignore=$T/test_demo.py $T
+.venv/bin/python -m pytest -p no:cacheprovider --durations=12 --basetemp="$out/beside" --junitxml="$out/beside.xml" -m "not latency" --ignore=$T/test_demo.py $T
 rc_beside=$?
 wait $demo
 rc_demo=$?
 echo "---- lane: the end-to-end demo (ran beside the tests above) ----"
 cat "$out/demo.log"
 echo "---- lane: tests that judge real traffic against latency SLOs, alone ----"
-.venv/bin/python -m pytest -p no:cacheprovider --basetemp="$out/alone" --junitxml="$out/alone.xml" -m latency $T
+.venv/bin/python -m pytest -p no:cacheprovider --durations=12 --basetemp="$out/alone" --junitxml="$out/alone.xml" -m latency $T
 rc_alone=$?
 set -e
 # One closing line for the whole suite.
