@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import ipaddress
 import itertools
 import json
@@ -80,6 +79,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from mlops_assets.core.serving.mesh import user_bucket
 from mlops_assets.core.serving.wire import DriftGauges, parse_drift_body, payload_line
 
 TAGS = ("latest", "prev")
@@ -614,10 +614,8 @@ class Router:
 
     def revision_for_key(self, key: str) -> str:
         """The revision a user key is pinned to under the current split (sticky routing)."""
-        # surrogatepass: a key from a header that is not UTF-8 (aiohttp keeps such bytes as
-        # surrogates) still hashes to a revision rather than failing.
-        digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-        point = int.from_bytes(digest, "big") % 10_000 / 100.0
+        # The mesh's rule too (core/serving/mesh.py): on a cluster the same user lands on the same arm.
+        point = user_bucket(key) / 100.0
         for bound, revision in self.cumulative:
             if point < bound:
                 return revision
