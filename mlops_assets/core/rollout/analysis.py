@@ -102,9 +102,10 @@ Relative latency
     taken over the tail, which gives the p95 statement at x >= p95). Test: the conditional two-sample test (a) on
     the events "canary above y" and "baseline above x". No estimate of the baseline's quantile enters the null:
     x is only chosen from the past, and any predictable choice keeps every window's ratio a valid e-value, so the
-    estimated quantile costs no validity. Rounding y up to a bound is conservative. Promotion waits for the mirror
-    statement, latency_tail_met (the same events, alternatives theta < 1: the canary's tail credibly lighter),
-    wherever both revisions report histograms.
+    estimated quantile costs no validity. Rounding y up to a bound is conservative. Promotion waits for
+    latency_tail_met, wherever both revisions report histograms: the canary's share above y credibly below 5%
+    (its p95 at most y, the tolerance over the baseline's p95 bucket), a one-sample test that, unlike a
+    comparison with the baseline's share above x, can pass when no baseline request lies above x.
 
 Missing data is never success: a window of None, or with zero canary requests, changes no evidence; the
 analysis HOLDs (traffic unchanged) while the last good window is at most no_data_deadline_s old and
@@ -602,8 +603,11 @@ class CanaryAnalysis:
             "latency_slo_met": BernoulliSLOTest(P95_SLOW_SHARE, "below"),
         }
         # Relative latency must be shown within its tolerance too, wherever both revisions report histograms: the
-        # canary's share above y credibly below the baseline's above x (fresh at every step, like the others).
-        self._tail_met = RelativeRateTest(self.thresholds.min_rate_ratio, below=True)
+        # canary's share above y credibly below 5%, i.e. its p95 at most y, the tolerance over the baseline's p95
+        # bucket x (fresh at every step, like the others). Not "below the baseline's share above x": where no
+        # baseline request is above x (coarse buckets, a fast model) that comparison has no events and could
+        # never pass, and a healthy canary would never be promoted.
+        self._tail_met = BernoulliSLOTest(P95_SLOW_SHARE, "below")
         self._tail_met_windows = 0
         self._log_e.update(dict.fromkeys(self._good_tests, 0.0))
         self._log_e["latency_tail_met"] = 0.0
@@ -667,7 +671,8 @@ class CanaryAnalysis:
         self._record.update(int(w.canary_errors), int(w.canary_requests), int(w.baseline_errors), int(w.baseline_requests))
         self._latency_tail.update(w)
         if self._latency_tail.last is not None:
-            self._tail_met.update(*self._latency_tail.last)
+            k_c, n_c, _, _ = self._latency_tail.last
+            self._tail_met.update(k_c, n_c)
             self._tail_met_windows += 1
         self._step_requests += int(w.canary_requests)
         self._step_windows += 1
