@@ -97,6 +97,9 @@ class ShadowTolerances:
     promote_alpha: float = 0.05  # P(pass a candidate outside a tolerance) <= promote_alpha
     min_requests: int = 200  # compared requests needed before a pass
     no_data_deadline_s: float = 120.0
+    #: False: judge only the candidate's health (errors, latency), e.g. a blue-green's green, a new model whose
+    #: predictions are meant to differ; the health tests then share all of alpha.
+    compare_predictions: bool = True
 
     def __post_init__(self) -> None:
         if self.threshold is not None and not (isinstance(self.threshold, int | float) and math.isfinite(self.threshold)):
@@ -117,7 +120,7 @@ class ShadowTolerances:
 
     @property
     def classifier(self) -> bool:
-        return self.threshold is not None
+        return self.threshold is not None and self.compare_predictions
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -289,7 +292,9 @@ class ShadowAnalysis:
         self._candidate_values: list[np.ndarray] = []
         self._top: list[tuple[tuple[int, float], int, dict]] = []  # min-heap of the most disagreeing rows
         self._counter = 0
-        shares = REJECT_ALPHA_SHARES
+        shares = dict(REJECT_ALPHA_SHARES)
+        if not t.compare_predictions:  # health only: the predictions' share goes to the health tests
+            shares = {name: share / (1.0 - shares["predictions"]) for name, share in shares.items()}
         # reject tests (H0: within tolerance) and pass tests (H0: outside tolerance)
         self._reject: dict[str, Any] = {
             "error_slo": BernoulliSLOTest(t.max_error_rate, "above"),
@@ -306,7 +311,7 @@ class ShadowAnalysis:
             self._reject["flip_rate"] = BernoulliSLOTest(t.max_flip_rate, "above")
             self._reject_alpha["flip_rate"] = shares["predictions"] * t.alpha
             self._pass["flip_rate_met"] = BernoulliSLOTest(t.max_flip_rate, "below")
-        else:
+        elif t.compare_predictions:
             m = t.max_mean_abs_diff / t.diff_cap
             self._reject["mean_abs_diff"] = BoundedMeanTest(m, "above")
             self._reject_alpha["mean_abs_diff"] = shares["predictions"] / 2 * t.alpha
@@ -344,6 +349,8 @@ class ShadowAnalysis:
             if not pair.compared or c_err:
                 continue
             self.compared += 1
+            if not t.compare_predictions:
+                continue
             s = np.asarray(pair.stable, dtype=float)
             c = np.asarray(pair.candidate, dtype=float)
             d = np.abs(s - c)
@@ -434,7 +441,7 @@ class ShadowAnalysis:
         self.windows += 1
         self._ingest(pairs)
         self._log_e = {name: test.log_e for name, test in {**self._reject, **self._pass}.items()}
-        ks = None if t.classifier else self._ks()
+        ks = None if t.classifier or not t.compare_predictions else self._ks()
         fired = [n for n, test in self._reject.items() if self._log_e[n] >= math.log(1.0 / self._reject_alpha[n])]
         if ks is not None and ks["reject_lower"] > t.max_ks_distance:
             fired.append("ks_distance")
@@ -467,16 +474,20 @@ class ShadowAnalysis:
         }
         if self.tolerances.classifier:
             est["flip_rate"] = rate(self.flips, self.rows)
-        else:
+        elif self.tolerances.compare_predictions:
             est["mean_abs_diff"] = rate(self.abs_diff_total, self.rows)
         return est
 
     def _summary(self) -> str:
         est = self.estimates()
-        parts = [f"{self.compared} requests, {self.rows} rows compared"]
+        parts = [
+            f"{self.compared} requests, {self.rows} rows compared"
+            if self.tolerances.compare_predictions
+            else f"{self.pairs} requests"
+        ]
         if self.tolerances.classifier:
             parts.append(f"{self.flips} decisions flipped ({(est['flip_rate'] or 0):.2%})")
-        else:
+        elif self.tolerances.compare_predictions:
             parts.append(f"mean |diff| {(est['mean_abs_diff'] or 0):.4g}")
         parts.append(f"candidate errors {self.candidate_errors}/{self.pairs}")
         return "; ".join(parts)
@@ -486,6 +497,8 @@ class ShadowAnalysis:
         return [row for _, _, row in sorted(self._top, reverse=True)]
 
     def disagreement_table(self) -> str:
+        if not self.tolerances.compare_predictions:
+            return "predictions not compared: the candidate's health only"
         lines = [
             "| mirrored request | row | stable | candidate | abs diff | flip | input |",
             "|---|---|---|---|---|---|---|",
@@ -500,7 +513,7 @@ class ShadowAnalysis:
     def _evidence(self, now: float, fired: list[str], ks=None, **extra: Any) -> dict:
         t = self.tolerances
         evidence: dict[str, Any] = {
-            "mode": "classifier" if t.classifier else "scores",
+            "mode": "classifier" if t.classifier else "scores" if t.compare_predictions else "health",
             "pairs": self.pairs,
             "compared_requests": self.compared,
             "compared_rows": self.rows,

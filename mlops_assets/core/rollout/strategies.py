@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mlops_assets.core import http
+from mlops_assets.core.rollout import bluegreen
 from mlops_assets.core.rollout.analysis import CanaryAnalysis, Decision, Thresholds, Verdict, WindowCounts
 from mlops_assets.core.rollout.shadow import MirroredPair, ShadowAnalysis, ShadowTolerances, pair_from_record
 from mlops_assets.core.serving.metrics import MetricsSource, MetricsUnavailableError, RevisionCounts
@@ -295,6 +296,61 @@ def _validation_answer(url: str, body: bytes, protocol: str, rows: int, timeout:
     return 200 if isinstance(answer, dict) and predictions_in(answer, protocol) == rows else 0
 
 
+def _green_mirror_cursor(ctx: RolloutContext) -> tuple[int | None, str]:
+    """Where the router's record of mirrored requests stands now, or None (with why) when the platform cannot mirror."""
+    shadow_pairs = getattr(ctx.platform, "shadow_pairs", None)
+    if shadow_pairs is None:
+        return None, f"{type(ctx.platform).__name__} does not record mirrored requests"
+    try:
+        return int(shadow_pairs(ctx.isvc).get("next", 0)), ""
+    except NotImplementedError as exc:
+        return None, str(exc)
+
+
+def _watch_mirrored(
+    ctx: RolloutContext, analysis: ShadowAnalysis, candidate: str, cursor: int, status: ServiceStatus, prefix: str
+) -> tuple[Verdict | None, dict]:
+    """Feed `analysis` the pairs the router mirrors, window by window, until it passes or rejects the candidate (or the
+    candidate goes down, or the run times out: None). One `<prefix>_window` event per window with pairs, one
+    `<prefix>_hold` when a stretch without begins. Returns the verdict and the router's mirroring counters."""
+    verdict, router = None, {}
+    while ctx.clock() < ctx.started + ctx.timeout_s:
+        ctx.sleep(ctx.poll_s)
+        pairs, cursor, batch = _shadow_window(ctx, cursor)
+        router = {**batch, "lost": router.get("lost", 0) + batch["lost"]} if batch else router
+        holding = verdict is not None and verdict.decision == Decision.HOLD
+        verdict = analysis.observe(pairs, ctx.clock())
+        if pairs or (verdict.decision == Decision.HOLD and not holding):
+            kind = f"{prefix}_window" if pairs else f"{prefix}_hold"
+            ctx.event(kind, status, {"reason": verdict.reason, **verdict.evidence, "router": router}, 0)
+        if verdict.decision in (Decision.PROMOTE, Decision.ROLLBACK):
+            return verdict, router
+        down = _candidate_down(ctx, candidate, ctx.candidate_crashes)
+        if down is not None:
+            return Verdict(Decision.ROLLBACK, down, 0, {**verdict.evidence, "fired": ["candidate_down"]}), router
+    return None, router
+
+
+def _validate_green_on_mirror(
+    ctx: RolloutContext, green: str, tolerances: ShadowTolerances, cursor: int, mirror_percent: int, max_in_flight: int
+) -> tuple[Verdict | None, dict, bluegreen.MirroredHealth]:
+    """Mirror live traffic to green (blue answers every user) until the health-only shadow analysis passes or rejects
+    it; mirroring stops however it ends. Returns the verdict (None on timeout), the evidence, and what was counted."""
+    analysis = ShadowAnalysis(tolerances, started_at=ctx.clock())
+    try:
+        status = ctx.platform.set_mirror(ctx.isvc, mirror_percent, max_in_flight)
+        why = f"{mirror_percent}% of live requests mirrored to green (at most {max_in_flight} in flight); blue answers every user"
+        ctx.event("validation_start", status, {"green": green, "validation_path": "mirrored", "reason": why}, 0)
+        verdict, router = _watch_mirrored(ctx, analysis, green, cursor, status, "validation")
+    finally:
+        ctx.platform.set_mirror(ctx.isvc, 0)
+    evidence = verdict.evidence if verdict is not None else analysis.observe([], ctx.clock()).evidence
+    counted = bluegreen.MirroredHealth(
+        analysis.pairs, analysis.candidate_errors, analysis.candidate_answered, analysis.candidate_slow
+    )
+    return verdict, {**evidence, "router": router}, counted
+
+
 @guarded
 def run_blue_green(
     ctx: RolloutContext,
@@ -302,13 +358,22 @@ def run_blue_green(
     thresholds: Thresholds,
     validation_body: bytes,
     validation_requests: int = 50,
+    mirror_percent: int = 100,
+    max_in_flight: int = 8,
+    send: Callable[[str, bytes, str, int], int] = _validation_answer,
 ) -> RolloutResult:
-    """Green at 0% next to blue; validate green through its `latest` tag route; switch all traffic
-    at once; keep blue warm until the post-switch analysis passes; roll back instantly if not.
+    """Green at 0% next to blue; validate green; switch all traffic at once; keep blue warm until the post-switch
+    analysis passes; roll back instantly if not (see `bluegreen.py` for the statistics).
 
-    Validation speaks the protocol the manifest declares (a V1 `validation_body` is sent as the V2 body of
-    the same rows where the runtime speaks V2 only) and counts every answer but a 200 with one prediction per
-    row as a failure: a 404 means green does not serve that endpoint, which is no pass."""
+    Validation: `validation_requests` synthetic requests through green's `latest` tag route first (a smoke check that
+    rejects only a credibly broken green), then, where the platform mirrors, live requests mirrored to green until it
+    is credibly within its error and latency SLOs and no worse than blue on the same requests (or credibly not);
+    where it cannot mirror, the synthetic requests decide as before. Synthetic requests speak the protocol the
+    manifest declares (a V1 `validation_body` is sent as the V2 body of the same rows where the runtime speaks V2
+    only) and count every answer but a 200 with one prediction per row as a failure: a 404 means green does not serve
+    that endpoint, which is no pass. After the switch, green's window is judged against the SLOs and against blue's
+    own error rate before the switch (its counters as a record). `send` sends one synthetic request (a stand-in in
+    simulations)."""
     from mlops_assets.core.serving.manifest import protocol_of
     from mlops_assets.core.serving.payloads import as_protocol, rows_in
 
@@ -322,12 +387,13 @@ def run_blue_green(
     request = as_protocol(json.loads(validation_body), protocol)
     body, rows = json.dumps(request).encode(), rows_in(request)
     tag_url = status.predict_url(protocol, tag="latest")  # only green answers there (KServe's tag routing)
-    codes = [_validation_answer(tag_url, body, protocol, rows) for _ in range(validation_requests)]
+    codes = [send(tag_url, body, protocol, rows) for _ in range(validation_requests)]
     errors = sum(c != 200 for c in codes)
     after = ctx.counts(status.url)
-    green_counts = _diff(after, start_counts or {}, green) if after is not None else RevisionCounts()
-    p95 = green_counts.latency_quantile(0.95)
+    p95 = (_diff(after, start_counts or {}, green) if after is not None else RevisionCounts()).latency_quantile(0.95)
+    cursor, cannot_mirror = _green_mirror_cursor(ctx)
     evidence = {
+        "validation_path": bluegreen.VALIDATION_PATH_SYNTHETIC if cursor is None else bluegreen.VALIDATION_PATH_MIRRORED,
         "validation_requests": validation_requests,
         "validation_protocol": protocol,
         "validation_url": tag_url,
@@ -337,31 +403,43 @@ def run_blue_green(
         "validation_server_errors": sum(c >= 500 for c in codes),
         "validation_client_errors": sum(400 <= c < 500 for c in codes),
         "validation_bad_answers": sum(c == 0 for c in codes),
+        "smoke_check_e_value": bluegreen.smoke_check_e_value(errors, validation_requests, thresholds),
         "green_p95_s": p95,
         "max_error_rate": thresholds.max_error_rate,
         "max_p95_latency_s": thresholds.max_p95_latency_s,
     }
-    valid = (
-        after is not None
-        and errors / validation_requests <= thresholds.max_error_rate
-        and p95 is not None
-        and p95 <= thresholds.max_p95_latency_s
-    )
+    carried = None  # the mirrored requests' SLO proof, carried over to the post-switch analysis
+    if cursor is None:
+        evidence["mirror_unavailable"] = cannot_mirror
+        valid = after is not None and bluegreen.synthetic_validation_passes(errors, validation_requests, p95, thresholds)
+        reason = "green failed validation through its tag route; blue never stopped serving"
+    elif bluegreen.smoke_check_rejects(errors, validation_requests, thresholds):
+        valid = False
+        reason = f"green failed {errors}/{validation_requests} smoke-check requests: credibly broken; blue never stopped serving"
+    else:
+        tolerances = bluegreen.validation_tolerances(thresholds)
+        verdict, mirrored, carried = _validate_green_on_mirror(ctx, green, tolerances, cursor, mirror_percent, max_in_flight)
+        evidence = {**evidence, "mirrored": mirrored}
+        valid = verdict is not None and verdict.decision == Decision.PROMOTE
+        reason = verdict.reason if verdict is not None else f"no validation decision within {ctx.timeout_s:.0f}s: never switched"
     if not valid:
         status = ctx.platform.rollback(ctx.isvc)
         ctx.decided = True
-        reason = "green failed validation through its tag route; blue never stopped serving"
         ctx.event("rollback", status, {"reason": reason, **evidence}, 0)
-        return RolloutResult("blue_green", ROLLED_BACK, green, blue, errors, 0, round(ctx.elapsed(), 2), reason, evidence)
-    ctx.event("validated", status, {"reason": "green passed validation", **evidence}, 0)
+        failed = [_failed(ctx, start_counts, status.url, rev) for rev in (green, blue)]
+        return RolloutResult("blue_green", ROLLED_BACK, green, blue, *failed, round(ctx.elapsed(), 2), reason, evidence)
+    ctx.event("validated", status, {"reason": f"green passed validation ({evidence['validation_path']})", **evidence}, 0)
+    switch_counts = ctx.counts(status.url)
+    blue_before = (switch_counts or {}).get(blue, RevisionCounts())
+    evidence["blue_record"] = {"requests": blue_before.requests, "errors": blue_before.errors}
     status = ctx.platform.promote(ctx.isvc)
     ctx.event("switch", status, {"reason": "all traffic switched to green; blue kept warm", **evidence}, 100)
-    # Post-switch: green serves everything, so only the absolute SLO tests can speak.
-    post = CanaryAnalysis(Thresholds(**{**thresholds.__dict__, "steps": (thresholds.steps[-1],)}), started_at=ctx.clock())
+    # Post-switch: green serves everything; the SLO tests and green against blue's record can speak.
+    post = bluegreen.PostSwitchAnalysis(thresholds, (blue_before.requests, blue_before.errors), ctx.clock(), carried)
     verdict = _watch(ctx, post, green, blue, status.url, thresholds.max_p95_latency_s, None)
     post_evidence = {**evidence, **(verdict.evidence if verdict is not None else {})}
     if verdict is not None and verdict.decision == Decision.PROMOTE:
-        reason = "post-switch analysis passed"
+        reason = f"post-switch analysis passed: {verdict.reason}"
         ctx.event("promote", status, {"reason": reason, **post_evidence}, 100)
         outcome = PROMOTED
     else:
@@ -370,12 +448,13 @@ def run_blue_green(
         ctx.event("rollback", status, {"reason": reason, **post_evidence}, 0)
         outcome = ROLLED_BACK
     ctx.decided = True
+    post_evidence["users_failed_on_green"] = _failed(ctx, switch_counts, status.url, green)
     return RolloutResult(
         "blue_green",
         outcome,
         green,
         blue,
-        _plus(errors, _failed(ctx, start_counts, status.url, green)),
+        _failed(ctx, start_counts, status.url, green),
         _failed(ctx, start_counts, status.url, blue),
         round(ctx.elapsed(), 2),
         reason,
