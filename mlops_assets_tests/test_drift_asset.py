@@ -1,11 +1,13 @@
 """`monitoring/<name>_drift` on a real served model: the router logs sampled payloads, the asset
-compares them with the training snapshot from MLflow, writes the table, the HTML report and the
-plot, publishes Prometheus gauges on the router, and its check reads the drift share."""
+compares them with the training snapshot from MLflow, writes the table, embeds the plot and the
+histograms as images, logs the HTML report to the version's MLflow run (linked through the MLflow UI),
+publishes Prometheus gauges on the router, and its check reads the drift share."""
 
 from __future__ import annotations
 
 import time
 import urllib.request
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -60,8 +62,24 @@ def test_drift_report_on_live_traffic(setup, shift, verdict):
     meta, check = _drift(resources)
     assert meta["dataset_verdict"].value == verdict, {k: getattr(v, "value", v) for k, v in meta.items() if k != "report"}
     assert meta["n_current"].value >= 30
-    html = meta["report"].path
-    text = open(html).read()
+    # The pictures are in the materialization itself; the page is an artifact of the served version's MLflow
+    # run, linked through the MLflow UI: no file path and no file:// link (neither opens from the UI's page).
+    for name in ("plot", "histograms"):
+        assert meta[name].value.startswith("![") and "](data:image/png;base64," in meta[name].value
+    assert meta["report"].url.startswith(f"{resources['mlflow'].ui_url}/#/experiments/")
+    assert not [
+        k for k, v in meta.items() if isinstance(v, dg.PathMetadataValue) or str(getattr(v, "url", "")).startswith("file:")
+    ]
+    import mlflow.artifacts
+
+    (home / f"downloaded-{verdict}").mkdir()
+    logged = mlflow.artifacts.download_artifacts(
+        artifact_uri=meta["report_artifacts"].value,
+        dst_path=str(home / f"downloaded-{verdict}"),
+        tracking_uri=resources["mlflow"].tracking_uri,
+    )
+    (html,) = Path(logged).glob("drift-*.html")
+    text = html.read_text()
     assert text.count("<img") + text.count("<svg") >= 9 and "http://" not in text and "https://" not in text
     assert check.passed == (verdict == "no_drift")
     assert check.metadata["threshold"].value == 0.2

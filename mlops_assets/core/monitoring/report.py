@@ -1,4 +1,5 @@
-"""Human-readable views of a `DriftReport`: a self-contained HTML page and one PNG for the Dagster UI.
+"""Human-readable views of a `DriftReport`: a self-contained HTML page, small PNGs for the Dagster UI, and
+both published as artifacts of the served version's MLflow run.
 
 Why this design
 ---------------
@@ -16,6 +17,13 @@ vanish. Bars show the share of each sample's rows, so samples of different sizes
 Categorical features show the share per category, the most frequent 15, with categories never seen in
 training labelled "(new)".
 
+The Dagster UI gets two pictures embedded in the materialization (see `charts.py` for why a data URI):
+the effect sizes, and the histograms of up to 12 features in one grid (drifted first, then by effect),
+drawn at 64 dpi and palette-reduced so each stays at a few tens of kB in the event log. The page itself
+is logged to the MLflow run of the version being served (`publish_report`), next to the training data it
+was compared with, and linked through the MLflow UI: a `file://` link opens nothing from the Dagster UI's
+page and names a file on whichever machine (or pod) wrote it.
+
 matplotlib is imported inside the functions: the Dagster code location must not pay for it at load time.
 """
 
@@ -25,12 +33,14 @@ import base64
 import html
 import io
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
+from mlops_assets.core.monitoring.charts import figure_png
 from mlops_assets.core.monitoring.drift import (
     DRIFT,
     INVALID_TYPE,
@@ -48,8 +58,12 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
+    from mlops_assets.core.registry import MlflowRegistry
+
 BINS = 40
 TOP_CATEGORIES = 15
+MAX_GRID_FEATURES = 12  # the UI's picture: drifted and largest effects first; the HTML report has all
+GRID_COLUMNS = 3
 REFERENCE_COLOUR = "#8c8c8c"
 CURRENT_COLOUR = "#1f77b4"
 DRIFT_COLOUR = "#d62728"
@@ -103,9 +117,15 @@ dataset threshold {report.config.drift_share_threshold}). Reference {report.n_re
 
 def drift_plot_png(report: DriftReport, path: str | Path) -> Path:
     """One PNG bar chart of effect sizes, drifted features in red, each feature's floor marked."""
+    path = Path(path)
+    path.write_bytes(effect_sizes_png(report))
+    return path
+
+
+def effect_sizes_png(report: DriftReport) -> bytes:
+    """The effect-size bar chart as a small palette PNG (for the file, the report's artifacts and the UI)."""
     from matplotlib.figure import Figure
 
-    path = Path(path)
     features = report.features
     fig = Figure(figsize=(6.5, 0.9 + 0.28 * max(len(features), 1)), dpi=90)
     ax = fig.add_subplot()
@@ -128,8 +148,58 @@ def drift_plot_png(report: DriftReport, path: str | Path) -> Path:
     ax.tick_params(axis="x", labelsize=8)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, format="png", metadata={"Software": None})
-    return path
+    return figure_png(fig)
+
+
+def histogram_grid_png(
+    report: DriftReport, profile: ReferenceProfile, current: pd.DataFrame, max_features: int = MAX_GRID_FEATURES
+) -> tuple[bytes, list[str]]:
+    """Reference vs current histograms of up to `max_features` features in one small PNG, drifted features
+    first, then by effect size: (png, the features drawn). The HTML report has every feature."""
+    from matplotlib.figure import Figure
+
+    ranked = sorted(
+        report.features,
+        key=lambda f: (f.verdict != DRIFT, -(f.effect_size if math.isfinite(f.effect_size) else -1.0)),
+    )[:max_features]
+    columns = min(GRID_COLUMNS, max(len(ranked), 1))
+    rows = max(1, math.ceil(len(ranked) / columns))
+    fig = Figure(figsize=(3.25 * columns, 2.0 * rows), dpi=64)
+    for i, feature in enumerate(ranked):
+        ax = fig.add_subplot(rows, columns, i + 1)
+        _feature_axes(ax, feature, profile, current, fontsize=8)
+        ax.set_ylabel("")
+        if i:
+            legend = ax.get_legend()
+            if legend is not None:
+                legend.remove()
+    fig.tight_layout(pad=0.6)
+    return figure_png(fig), [f.feature for f in ranked]
+
+
+@dataclass(frozen=True)
+class PublishedReport:
+    """Where a report's files went: the MLflow run's artifact location, and its page in the MLflow UI."""
+
+    artifact_uri: str
+    ui_url: str  # "" when the registry knows no UI URL
+
+
+def publish_report(registry: MlflowRegistry, run_id: str, files: list[Path], artifact_path: str) -> PublishedReport:
+    """Log `files` as artifacts of the MLflow run `run_id` under `artifact_path`, and link the first one
+    through the MLflow UI (the run's artifacts tab, which previews HTML): a URL that opens from a web page
+    and means the same thing on a laptop and on a cluster, unlike a path on the machine that wrote it."""
+    client = registry.client()
+    for path in files:
+        client.log_artifact(run_id, str(path), artifact_path)
+    run = client.get_run(run_id)
+    artifact_uri = f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}"
+    if not registry.ui_url:
+        return PublishedReport(artifact_uri, "")
+    # The UI's own route for an artifact of a run: #/experiments/<id>/runs/<run>/artifacts/<path>.
+    page = f"{artifact_path}/{files[0].name}" if files else artifact_path
+    ui_url = f"{registry.ui_url.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}/artifacts/{page}"
+    return PublishedReport(artifact_uri, ui_url)
 
 
 def _summary_table(report: DriftReport) -> str:
@@ -156,7 +226,13 @@ def _feature_histogram_png(feature: FeatureDrift, profile: ReferenceProfile, cur
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5.0, 2.4), dpi=80)
-    ax = fig.add_subplot()
+    _feature_axes(fig.add_subplot(), feature, profile, current, fontsize=9)
+    fig.tight_layout()
+    return _png_base64(fig)
+
+
+def _feature_axes(ax: Axes, feature: FeatureDrift, profile: ReferenceProfile, current: pd.DataFrame, fontsize: int) -> None:
+    """One feature's reference-vs-current histogram (numeric) or category shares on `ax`."""
     # An invalid column (strings, dates) has no meaningful current histogram: the reference is drawn alone.
     usable = feature.feature in current.columns and feature.verdict not in (MISSING, INVALID_TYPE)
     column = current[feature.feature] if usable else None
@@ -166,13 +242,13 @@ def _feature_histogram_png(feature: FeatureDrift, profile: ReferenceProfile, cur
         _categorical_bars(ax, profile.categorical[feature.feature], column, set(feature.unseen_categories))
     effect = f", effect {feature.effect_size:.3f}" if math.isfinite(feature.effect_size) else ""
     ax.set_title(
-        f"{feature.feature}: {feature.verdict}{effect}", fontsize=9, color=DRIFT_COLOUR if feature.verdict == DRIFT else "black"
+        f"{feature.feature}: {feature.verdict}{effect}",
+        fontsize=fontsize,
+        color=DRIFT_COLOUR if feature.verdict == DRIFT else "black",
     )
     ax.tick_params(labelsize=7)
     ax.set_ylabel("share of rows", fontsize=7)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    return _png_base64(fig)
 
 
 def _numeric_histogram(ax: Axes, reference_sorted: np.ndarray, column: pd.Series | None) -> None:

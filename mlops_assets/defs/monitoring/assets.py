@@ -4,8 +4,10 @@ Reference: the training-data snapshot logged with the serving version's MLflow r
 with sorted numeric values, is cached per run under MLOPS_HOME). Current: the recent inference
 payloads the serving path logged. Per feature a KS or chi-square test, Benjamini-Hochberg across
 features and an effect-size floor (`mlops_assets/core/monitoring/drift.py`); the asset records the
-table, an HTML report with one histogram per feature, and publishes the scores as Prometheus
-gauges, where the ModelDriftDetected alert (and `prometheus_alert_sensor`) take over.
+table, shows the effect sizes and the per-feature histograms (reference vs current) as images in
+the materialization, logs an HTML report with one histogram per feature to the version's MLflow
+run (linked through the MLflow UI), and publishes the scores as Prometheus gauges, where the
+ModelDriftDetected alert (and `prometheus_alert_sensor`) take over.
 """
 
 import math
@@ -54,6 +56,24 @@ def _reference_profile(registry: MlflowRegistry, version, numeric: list[str], ca
     return profile
 
 
+def _published_report(context: dg.AssetExecutionContext, mlflow: MlflowRegistry, version, files: list[Path], stamp: str) -> dict:
+    """The report's files as artifacts of the version's MLflow run, linked through the MLflow UI. Where
+    MLflow does not take them, the drift is still recorded, with the reason and the files' local path."""
+    from mlops_assets.core.monitoring.report import publish_report
+
+    try:
+        if not version.run_id:
+            raise ValueError(f"version {version.version} has no MLflow run to attach the report to")
+        published = publish_report(mlflow, version.run_id, files, f"drift/{stamp}")
+    except Exception as exc:  # noqa: BLE001 - the drift is measured and published as gauges: the page is secondary
+        context.log.warning(f"drift report not logged to MLflow: {type(exc).__name__}: {exc}")
+        return {"report_error": f"{type(exc).__name__}: {exc}", "report_file": dg.MetadataValue.path(str(files[0]))}
+    metadata = {"report_artifacts": published.artifact_uri}
+    if published.ui_url:
+        metadata["report"] = dg.MetadataValue.url(published.ui_url)
+    return metadata
+
+
 def build_drift_asset(declaration: ModelDeclaration) -> tuple[dg.AssetsDefinition, dg.AssetChecksDefinition]:
     model_name, isvc = declaration.name, declaration.isvc
     key = dg.AssetKey(["monitoring", f"{model_name}_drift"])
@@ -72,11 +92,13 @@ def build_drift_asset(declaration: ModelDeclaration) -> tuple[dg.AssetsDefinitio
         drift_policy: dg.ResourceParam[DriftConfig],
     ) -> dg.MaterializeResult:
         """Drift of the live traffic against the serving version's training data: per-feature KS or
-        chi-square, Benjamini-Hochberg corrected, with an effect-size floor; a table, an HTML report
-        with a histogram per feature, and Prometheus gauges for alerting."""
+        chi-square, Benjamini-Hochberg corrected, with an effect-size floor; a table, the effect sizes
+        and per-feature histograms as pictures, an HTML report in the version's MLflow run (`report`
+        opens it in the MLflow UI), and Prometheus gauges for alerting."""
         from mlops_assets.core.model_artifacts import ModelArtifactMissingError, input_schema
+        from mlops_assets.core.monitoring.charts import png_markdown
         from mlops_assets.core.monitoring.drift import detect_drift
-        from mlops_assets.core.monitoring.report import drift_plot_png, render_html
+        from mlops_assets.core.monitoring.report import drift_plot_png, histogram_grid_png, render_html
 
         policy = declaration.drift_config(drift_policy)
         if isvc not in serving.list_services():
@@ -98,6 +120,11 @@ def build_drift_asset(declaration: ModelDeclaration) -> tuple[dg.AssetsDefinitio
         stamp = time.strftime("%Y%m%dT%H%M%S")
         html = render_html(report, profile, current, out / f"drift-{stamp}.html")
         png = drift_plot_png(report, out / f"drift-{stamp}.png")
+        grid, drawn = histogram_grid_png(report, profile, current)
+        rest = len(report.features) - len(drawn)
+        histograms = png_markdown(grid, "reference (grey) vs current (blue) per feature") + (
+            f"\n\n{rest} more features in the HTML report (`report`)." if rest else ""
+        )
         scores = {f.feature: f.effect_size for f in report.features if f.tested and math.isfinite(f.effect_size)}
         try:
             serving.publish_drift(isvc, float(report.drift_share), scores)
@@ -114,9 +141,9 @@ def build_drift_asset(declaration: ModelDeclaration) -> tuple[dg.AssetsDefinitio
                 "n_current": report.n_current,
                 "model_version": version.version,
                 "features": dg.MetadataValue.md(report.to_markdown()),
-                "report": dg.MetadataValue.path(str(html)),
-                "report_url": dg.MetadataValue.url(html.as_uri()),
-                "plot": dg.MetadataValue.path(str(png)),
+                "plot": dg.MetadataValue.md(png_markdown(png.read_bytes(), "effect size per feature")),
+                "histograms": dg.MetadataValue.md(histograms),
+                **_published_report(context, mlflow, version, [html, png], stamp),
                 "details": dg.MetadataValue.json(summary),
             }
         )
