@@ -26,6 +26,23 @@ and the extension `ce-inferenceservicename` naming the InferenceService. This se
   a 4xx that says what is wrong: 400 malformed or an unknown arm, 404 no test running on that
   InferenceService, 409 an outcome whose `arm` is not the one the user is pinned to, 413 too large.
   Counts live in memory, as the router's do: a restarted sink counts from zero.
+* pairs the answers of a shadow, the cluster's counterpart of the local router's `/-/shadow`. Istio
+  mirrors a share of requests to the candidate and Envoy discards its answers (core/serving/mesh.py),
+  so the pairs are made here from what KServe's payload logger sends for both revisions, when
+  `KubernetesPlatform.shadow_capture` has it log answers and the request id (mode `all`,
+  `metadataHeaders: ["X-Request-Id"]`). What the logger sends (kserve/kserve pkg/logger/handler.go and
+  worker.go): a request event when a request arrives and, *only for a 200*, a response event, both with
+  the same `ce-id` and `ce-time` their moment; `ce-source` is the pod's name, `<revision>-deployment-...`
+  (Knative names a revision's Deployment so: knative/serving pkg/reconciler/revision/resources/names);
+  `ce-metadata` is the JSON of the listed headers. Envoy keeps `x-request-id` on the mirrored copy, so
+  the stable and candidate events of one user request share it. The run declares the shadow
+  (`PUT /-/shadow/<isvc>` `{"stable": rev, "candidate": rev, "percent": P}`); the sink then holds each
+  request id's events for `--shadow-timeout-s` and records a pair once both answers are in, or at the
+  timeout once the candidate got the request (an answer still missing is status 0: KServe logs no
+  non-200 answer, so a 5xx looks like no answer, and its latency is counted as the timeout); the stable
+  requests that were not mirrored expire unpaired. `GET /-/shadow/<isvc>?since=<seq>` answers as the
+  router does (pairs with both answers, `next`, `lost`, `restarted`); `DELETE /-/shadow/<isvc>` ends the
+  pairing. The candidate's mirrored requests are not users' requests: they stay out of the payload log.
 
 `KubernetesPlatform.recent_payloads` reads the batches back through the same proxy.
 
@@ -37,12 +54,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import itertools
 import json
 import logging
 import random
+import re
 import tempfile
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 from aiohttp import web
@@ -50,12 +70,19 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from mlops_assets.core.serving.manifest import ManifestError, validate_dns1035
-from mlops_assets.core.serving.mesh import arm_of, check_split, parse_outcomes, user_bucket
+from mlops_assets.core.serving.mesh import arm_of, check_mirror_percent, check_split, parse_outcomes, user_bucket
 from mlops_assets.core.serving.wire import DriftGauges, parse_drift_body, payload_line, store_for
 from mlops_assets.core.settings import PAYLOAD_SINK_MLFLOW_CLIENT_ENV, apply_mlflow_client_env, mlflow_tracking_uri_env
 
 log = logging.getLogger("mlops_assets.payload_sink")
 REQUEST_EVENT = "org.kubeflow.serving.inference.request"
+RESPONSE_EVENT = "org.kubeflow.serving.inference.response"
+#: Pairs kept for `GET /-/shadow/<isvc>` (the oldest go first and readers count them as lost), as the router.
+SHADOW_BUFFER = 5000
+#: Request ids waiting for their other events; beyond this the oldest are given up (counted as dropped).
+SHADOW_MAX_PENDING = 20_000
+#: Request bodies and answers larger than this are kept out of the pairs (the comparison then has no rows).
+SHADOW_MAX_BODY = 256 * 1024
 #: A/B control and outcome bodies are small JSON: a larger one is refused (413) before it is parsed.
 AB_MAX_BYTES = 1 << 20
 
@@ -72,8 +99,147 @@ def write_batch(store: str, isvc: str, lines: list[bytes]) -> str:
     return name
 
 
+def revision_of_pod(source: str) -> str:
+    """The Knative revision of a predictor pod named `<revision>-deployment-<hash>-<hash>` (the logger's
+    `ce-source`), or "" for anything else."""
+    head, sep, _ = source.rpartition("-deployment-")
+    return head if sep else ""
+
+
+def request_id_of(metadata: str | None) -> str:
+    """The `X-Request-Id` in the logger's `ce-metadata` (JSON: header name -> values), or ""."""
+    try:
+        headers = json.loads(metadata or "{}")
+    except ValueError:
+        return ""
+    if not isinstance(headers, dict):
+        return ""
+    for name, values in headers.items():
+        if isinstance(name, str) and name.lower() == "x-request-id" and isinstance(values, list) and values:
+            return str(values[0])
+    return ""
+
+
+_RFC3339 = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$")
+
+
+def event_time(value: str | None) -> float | None:
+    """`ce-time` (RFC 3339, Go's nanoseconds included) as a Unix time, or None."""
+    match = _RFC3339.match((value or "").strip())
+    if not match:
+        return None
+    whole, fraction, zone = match.groups()
+    stamp = datetime.fromisoformat(whole + ("+00:00" if zone == "Z" else zone))
+    return stamp.timestamp() + (float(f"0.{fraction}") if fraction else 0.0)
+
+
+def _json_or_text(data: bytes | None):
+    if data is None:
+        return None
+    try:
+        return json.loads(data)
+    except ValueError:
+        return {"text": data[:2000].decode("utf-8", "replace")}
+
+
+class ShadowPairs:
+    """The pairs of one InferenceService's shadows: the declared shadow, the request ids waiting for their
+    events, and the recorded pairs numbered from 1 (the numbering goes on across shadows, as readers'
+    cursors do)."""
+
+    def __init__(self, timeout_s: float, max_pending: int = SHADOW_MAX_PENDING) -> None:
+        self.timeout_s, self.max_pending = timeout_s, max_pending
+        self.mirror: dict | None = None  # {"stable", "candidate", "percent"}
+        self.pending: collections.OrderedDict[str, dict] = collections.OrderedDict()
+        self.pairs: collections.deque[dict] = collections.deque(maxlen=SHADOW_BUFFER)
+        self.seq = self.dropped = self.unmatched = 0
+
+    def start(self, stable: str, candidate: str, percent: int) -> None:
+        self.mirror = {"stable": stable, "candidate": candidate, "percent": percent}
+        self.pending.clear()
+
+    def stop(self) -> None:
+        self.mirror = None
+        self.pending.clear()
+
+    def record(self, revision: str, kind: str, request_id: str, at: float, body: bytes, now: float) -> bool:
+        """Take one logger event; False if it belongs to no running shadow."""
+        mirror = self.mirror
+        if mirror is None or not request_id or revision not in (mirror["stable"], mirror["candidate"]):
+            return False
+        self.expire(now)
+        side = "stable" if revision == mirror["stable"] else "candidate"
+        entry = self.pending.get(request_id)
+        if entry is None:
+            entry = self.pending[request_id] = {"seen": now, "stable": {}, "candidate": {}}
+        kept = body if len(body) <= SHADOW_MAX_BODY else None
+        if kind == "request":
+            entry[side].update(t_req=at, request=kept)
+        else:
+            entry[side].update(t_resp=at, answer=kept if kept is not None else b"{}")
+        if "answer" in entry["stable"] and "answer" in entry["candidate"]:
+            self._pair(request_id, self.pending.pop(request_id))
+        while len(self.pending) > self.max_pending:
+            self.pending.popitem(last=False)
+            self.dropped += 1
+        return True
+
+    def expire(self, now: float) -> None:
+        """Give up waiting on the request ids older than the timeout: a pair if the candidate got the request."""
+        while self.pending:
+            request_id, entry = next(iter(self.pending.items()))
+            if now - entry["seen"] < self.timeout_s:
+                break
+            del self.pending[request_id]
+            if not entry["candidate"]:
+                continue  # a request that was not mirrored
+            if not entry["stable"]:
+                self.unmatched += 1  # a copy without its user request: nothing to compare it with
+                continue
+            self._pair(request_id, entry)
+
+    def _pair(self, request_id: str, entry: dict) -> None:
+        self.seq += 1
+        mirror = self.mirror or {}
+        record: dict = {"seq": self.seq, "ts": round(time.time(), 3), "request_id": request_id}
+        for side in ("stable", "candidate"):
+            got = entry[side]
+            answered = "answer" in got and "t_req" in got
+            latency = max(0.0, got["t_resp"] - got["t_req"]) if answered else self.timeout_s
+            record[f"{side}_revision"] = mirror.get(side, "")
+            record[f"{side}_status"] = 200 if answered else 0
+            record[f"{side}_latency_s"] = round(latency, 6)
+            record[side] = _json_or_text(got["answer"]) if answered else None
+        record["request"] = _json_or_text(entry["stable"].get("request") or entry["candidate"].get("request"))
+        self.pairs.append(record)
+
+    def page(self, since: int, limit: int, now: float) -> dict:
+        """The pairs after `since`, as the router's `GET /-/shadow` answers."""
+        self.expire(now)
+        restarted = since > self.seq
+        if restarted:
+            since = 0
+        first = self.pairs[0]["seq"] if self.pairs else self.seq + 1
+        start = max(0, since + 1 - first)
+        records = list(itertools.islice(self.pairs, start, start + limit))
+        mirror = self.mirror
+        return {
+            "mirror": None if mirror is None else {"revision": mirror["candidate"], **mirror},
+            "mirrored": self.seq,
+            "dropped": self.dropped,
+            "unmatched": self.unmatched,
+            "in_flight": sum(1 for e in self.pending.values() if e["candidate"]),
+            "lost": max(0, first - 1 - since),
+            "restarted": restarted,
+            "next": records[-1]["seq"] if records else max(since, first - 1),
+            "pairs": records,
+        }
+
+
 class PayloadSink:
-    def __init__(self, store: str, sample_rate: float, flush_s: float, max_buffer_bytes: int) -> None:
+    def __init__(
+        self, store: str, sample_rate: float, flush_s: float, max_buffer_bytes: int, shadow_timeout_s: float = 30.0
+    ) -> None:
         if not 0.0 <= sample_rate <= 1.0:
             raise ValueError(f"sample rate must be in [0, 1], got {sample_rate}")
         if flush_s <= 0 or max_buffer_bytes <= 0:
@@ -103,6 +269,10 @@ class PayloadSink:
         )
         self.ab_tests: dict[str, dict] = {}  # isvc -> {"a": revision, "b": revision, "split_percent": P}
         self.outcome_counts: dict[tuple[str, str], list[int]] = {}  # (isvc, revision) -> [successes, failures]
+        if shadow_timeout_s <= 0:
+            raise ValueError("the shadow timeout must be positive")
+        self.shadow_timeout_s = shadow_timeout_s
+        self.shadows: dict[str, ShadowPairs] = {}
 
     # ---- receiving ------------------------------------------------------------------------------
     async def receive(self, request: web.Request) -> web.Response:
@@ -111,10 +281,21 @@ class PayloadSink:
             validate_dns1035(isvc, "ce-inferenceservicename")
         except ManifestError as exc:
             return web.json_response({"error": f"not a KServe payload-logger event: {exc}"}, status=400)
-        if request.headers.get("ce-type") != REQUEST_EVENT:
+        kind = {REQUEST_EVENT: "request", RESPONSE_EVENT: "response"}.get(request.headers.get("ce-type", ""))
+        shadow = self.shadows.get(isvc)
+        if kind is None or (kind == "response" and (shadow is None or shadow.mirror is None)):
             self.received.labels(isvc, "ignored").inc()  # responses: the drift reports need requests only
             return web.json_response({"ignored": request.headers.get("ce-type")}, status=202)
         body = await request.read()
+        revision = revision_of_pod(request.headers.get("ce-source", ""))
+        if shadow is not None and shadow.mirror is not None:
+            at = event_time(request.headers.get("ce-time")) or time.time()
+            request_id = request_id_of(request.headers.get("ce-metadata"))
+            paired = shadow.record(revision, kind, request_id, at, body, time.monotonic())
+            if kind == "response" or (paired and revision == shadow.mirror["candidate"]):
+                # An answer, or the candidate's copy of a user's request: not a user's request for the payload log.
+                self.received.labels(isvc, "shadow" if paired else "ignored").inc()
+                return web.json_response({"shadow": paired}, status=202)
         if not body.lstrip().startswith(b"{"):
             self.received.labels(isvc, "malformed").inc()
             return web.json_response({"error": "the event data must be a JSON object (a V1 or V2 request body)"}, status=400)
@@ -247,6 +428,44 @@ class PayloadSink:
         revisions = {rev: {"success": n[0], "failure": n[1]} for (name, rev), n in counted if name == isvc}
         return web.json_response({"isvc": isvc, "test": self.ab_tests.get(isvc), "revisions": revisions})
 
+    # ---- shadows: the stable and candidate answers of one request, paired ---------------------------------
+    async def start_shadow(self, request: web.Request) -> web.Response:
+        """`PUT /-/shadow/<isvc>` `{"stable": revision, "candidate": revision, "percent": 1-100}`."""
+        isvc, body = self._isvc(request), await self._ab_json(request)
+        try:
+            if not isinstance(body, dict) or set(body) != {"stable", "candidate", "percent"}:
+                raise ValueError('a shadow is {"stable": revision, "candidate": revision, "percent": 1-100}')
+            for side in ("stable", "candidate"):
+                validate_dns1035(body[side], f"{side} revision")
+            if body["stable"] == body["candidate"]:
+                raise ValueError(f"stable and candidate are the same revision {body['stable']!r}")
+            if check_mirror_percent(body["percent"]) == 0:
+                raise ValueError("a shadow mirrors 1-100 percent of requests")
+        except (ValueError, ManifestError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        shadow = self.shadows.setdefault(isvc, ShadowPairs(self.shadow_timeout_s))
+        shadow.start(body["stable"], body["candidate"], body["percent"])
+        return web.json_response({"isvc": isvc, **body})
+
+    async def end_shadow(self, request: web.Request) -> web.Response:
+        isvc = self._isvc(request)
+        shadow = self.shadows.get(isvc)
+        ended = None if shadow is None else shadow.mirror
+        if shadow is not None:
+            shadow.stop()
+        return web.json_response({"isvc": isvc, "ended": ended})
+
+    async def shadow_pairs(self, request: web.Request) -> web.Response:
+        """`GET /-/shadow/<isvc>?since=<seq>&limit=<n>`: the pairs recorded after `since` (the router's format)."""
+        isvc = self._isvc(request)
+        try:
+            since = max(0, int(request.query.get("since", "0")))
+            limit = min(max(1, int(request.query.get("limit", "5000"))), SHADOW_BUFFER)
+        except ValueError:
+            return web.json_response({"error": "since and limit are integers"}, status=400)
+        shadow = self.shadows.get(isvc) or ShadowPairs(self.shadow_timeout_s)  # none yet: nothing paired
+        return web.json_response({"isvc": isvc, **shadow.page(since, limit, time.monotonic())})
+
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.registry), headers={"content-type": CONTENT_TYPE_LATEST})
 
@@ -270,6 +489,9 @@ class PayloadSink:
         app.router.add_delete("/-/ab/{isvc}", self.end_ab)
         app.router.add_post("/-/outcome/{isvc}", self.record_outcome)
         app.router.add_get("/-/outcomes/{isvc}", self.outcome_counts_of)
+        app.router.add_put("/-/shadow/{isvc}", self.start_shadow)
+        app.router.add_delete("/-/shadow/{isvc}", self.end_shadow)
+        app.router.add_get("/-/shadow/{isvc}", self.shadow_pairs)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/-/healthy", self.healthy)
         app.router.add_get("/-/ready", self.healthy)
@@ -293,13 +515,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sample-rate", type=float, default=0.25)
     parser.add_argument("--flush-s", type=float, default=30.0)
     parser.add_argument("--max-buffer-bytes", type=int, default=64 * 1024 * 1024)
+    parser.add_argument("--shadow-timeout-s", type=float, default=30.0, help="how long a shadow pair waits for its answers")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # A store that is down must not hold a flush for minutes (MLflow's default is 7 retries with backoff):
     # the batch stays buffered and the next flush tries again.
     apply_mlflow_client_env(PAYLOAD_SINK_MLFLOW_CLIENT_ENV)
     store = args.store or store_for(mlflow_tracking_uri_env())
-    sink = PayloadSink(store, args.sample_rate, args.flush_s, args.max_buffer_bytes)
+    sink = PayloadSink(store, args.sample_rate, args.flush_s, args.max_buffer_bytes, args.shadow_timeout_s)
     web.run_app(sink.app(), host=args.host, port=args.port, access_log=None, print=None)
 
 

@@ -40,6 +40,20 @@ Why it is built this way
   user to A, then sets the split; both promotion and rollback then reset the VirtualService to
   Knative's split. The A/B Service and VirtualService are owned by the InferenceService (an
   ownerReference), so Kubernetes deletes them with it and the platform needs no delete verb on them.
+* Shadow traffic on the same objects. `set_mirror` turns the A/B host's VirtualService into one that
+  copies a share of requests, at Knative's local gateway, to the candidate revision's Service
+  (`mesh.build_mirror_virtual_service`; mesh.py says why there), and `set_mirror(name, 0)` resets it to
+  Knative's split: "removing" is a patch, so the calls (and Role mlops-rollout) stay the A/B ones.
+  Envoy discards the mirrored answers, so they are captured where KServe already sends them: its
+  payload logger, on both revisions, to the payload sink. With `shadow_capture` the logger logs
+  answers too (mode `all`) and each request's `X-Request-Id` (`metadataHeaders`), which Envoy keeps
+  on the copy; the sink pairs the stable and candidate events of one request id, and
+  `shadow_pairs` reads the pairs in the local router's `/-/shadow` format (servers/payload_sink.py).
+  Both revisions must have been cut with the capture on: `set_mirror` checks and says so, and
+  `shadow_pairs` then raises NotImplementedError, which blue-green reads as "validate without
+  mirroring". Rollback and promotion stop mirroring first (traffic first: a rolled-back candidate gets
+  no copies). Envoy's mirror is fire-and-forget within the route's timeout and has no in-flight bound
+  of its own: `max_in_flight` is the local router's; the copies cost the gateway, never the caller.
 * Errors say what to do: 403 names the missing RBAC verb, a missing API group says KServe is not
   installed, a missing object is `UnknownServiceError`, an unreachable server names the host.
 
@@ -53,7 +67,7 @@ import copy
 import json
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from mlops_assets.core import http
@@ -97,6 +111,9 @@ PAYLOAD_SINK_URL = "http://payload-sink.mlops-serving.svc.cluster.local"
 KSERVE_SERVICE_ACCOUNT = "kserve-s3"
 #: k8s/base/platform/mlflow.yaml: --artifacts-destination of the MLflow server.
 ARTIFACTS_DESTINATION = "s3://mlflow"
+#: The header KServe's payload logger passes on as event metadata for shadow pairing. Go canonicalizes
+#: header names and the logger compares them exactly (kserve/kserve pkg/logger/handler.go, ServeHTTP).
+REQUEST_ID_HEADER = "X-Request-Id"
 
 
 class KubernetesPlatformError(RuntimeError):
@@ -168,6 +185,10 @@ class KubernetesPlatform(ServingPlatform):
     # Where MLflow's artifact proxy (`--serve-artifacts`) stores artifacts: model URIs MLflow hands out as
     # mlflow-artifacts:/<path> are given to KServe as <artifacts_destination>/<path>, which it can read.
     artifacts_destination: str = ""
+    # KServe's payload logger also logs answers and each request's X-Request-Id, so that shadow runs can pair
+    # the stable and candidate answers of one mirrored request (set_mirror). Every revision cut while it is on
+    # can take part in a shadow; turning it on cuts a new revision at the next apply.
+    shadow_capture: bool = False
 
     # ---- the interface ------------------------------------------------------------------------
     def apply(self, manifest: dict) -> ServiceStatus:
@@ -182,6 +203,8 @@ class KubernetesPlatform(ServingPlatform):
         if self.payload_sink_url and "logger" not in predictor:
             # KServe's payload logger: every request, as a CloudEvent, to the sink (the drift reports' data).
             predictor["logger"] = {"mode": "request", "url": self.payload_sink_url}
+            if self.shadow_capture:  # and every answer, with the request id that pairs a mirrored copy with it
+                predictor["logger"].update(mode="all", metadataHeaders=[REQUEST_ID_HEADER])
         if self.service_account and "serviceAccountName" not in predictor:
             predictor["serviceAccountName"] = self.service_account
         model = predictor["model"]
@@ -314,12 +337,73 @@ class KubernetesPlatform(ServingPlatform):
                 self._sink("DELETE", f"/-/ab/{name}")
         return True
 
+    # ---- shadow traffic: mirrored at the mesh, pairs joined at the payload sink ---------------------------
+    def set_mirror(self, name: str, percent: int, max_in_flight: int = 8) -> ServiceStatus:
+        """Mirror `percent`% of the requests to the A/B host to the candidate (the latest ready revision, not
+        rolled out) and have the payload sink pair their answers; 0 stops. `max_in_flight` is the local
+        router's bound: on a cluster Envoy's mirror is fire-and-forget within the route's timeout."""
+        mesh.check_mirror_percent(percent)
+        if percent == 0:
+            self._stop_mirror(name)
+            return self.status(name)
+        self._check_pairing()
+        with self._api() as api:
+            live = api.get(name)
+            status = _service_status(live)
+            candidate, stable = status.latest_ready, status.latest_rolledout
+            if candidate is None or stable is None or candidate == stable:
+                raise RolloutStateError(f"{name} has no candidate revision to mirror to (latest ready is rolled out)")
+            _check_capture(live, candidate, stable)
+            routing = _AbRouting(api, name)
+            if routing.running():
+                raise RolloutStateError(f"{name}: an A/B test pins users on {routing.name}; a shadow cannot share its routes")
+            # The sink first, so that the first mirrored copy already has its stable answer to be paired with.
+            self._sink("PUT", f"/-/shadow/{name}", {"stable": stable, "candidate": candidate, "percent": percent})
+            routing.ensure(live, mesh.build_mirror_virtual_service(name, self.namespace, candidate, percent))
+        mirror = {"revision": candidate, "percent": percent, "max_in_flight": max_in_flight}
+        return replace(status, mirror=mirror)
+
+    def shadow_pairs(self, name: str, since: int = 0) -> dict:
+        """The mirrored requests the payload sink paired after `since` (the local router's `/-/shadow` body)."""
+        validate_dns1035(name, "InferenceService name")
+        self._check_pairing()
+        with self._api() as api:
+            live = api.get(name)
+            status = _service_status(live)
+            if status.latest_ready and status.latest_rolledout and status.latest_ready != status.latest_rolledout:
+                try:
+                    _check_capture(live, status.latest_ready, status.latest_rolledout)
+                except RolloutStateError as exc:  # strategies that can do without mirroring (blue-green) then do
+                    raise NotImplementedError(str(exc)) from exc
+        return self._sink("GET", f"/-/shadow/{name}?since={int(since)}")
+
+    def _check_pairing(self) -> None:
+        """NotImplementedError (what the strategies read as "this platform cannot mirror") unless answers are paired."""
+        if not self.payload_sink_url or not self.shadow_capture:
+            raise NotImplementedError(
+                "mirrored answers are paired by the payload sink from KServe's payload logger: set "
+                "KubernetesPlatform.payload_sink_url and shadow_capture (then deploy the stable revision with it)"
+            )
+
+    def _stop_mirror(self, name: str) -> bool:
+        """Reset the routes to Knative's split if they mirror, and end the sink's pairing. False if they did not."""
+        with self._api() as api:
+            routing = _AbRouting(api, name)
+            if mesh.mirror_of(routing.virtual_service()) is None:
+                return False
+            routing.patch(mesh.build_ab_virtual_service(name, self.namespace, None))
+        with contextlib.suppress(KubernetesPlatformError):  # the copies have stopped; the sink's record is moot
+            self._sink("DELETE", f"/-/shadow/{name}")
+        return True
+
     def promote(self, name: str) -> ServiceStatus:
+        self._stop_mirror(name)  # the candidate becomes the stable revision: nothing left to compare
         status = super().promote(name)
         self._end_ab_test(name, None)
         return status
 
     def rollback(self, name: str) -> ServiceStatus:
+        self._stop_mirror(name)  # traffic first: a rolled-back candidate gets no copies either
         testing = self._end_ab_test(name, "a")  # traffic first: every pinned user to A before the split moves
         status = self._rollback(name)
         if testing:
@@ -505,9 +589,12 @@ class _AbRouting:
         return self.kube.request(verb, ApiTarget(what, resource, self.api.namespace), method, path, **kwargs)
 
     def running(self) -> bool:
-        """Whether the VirtualService pins users to an arm now (any route but Knative's split)."""
+        """Whether the VirtualService pins users to an arm now (a shadow's routes pin nobody)."""
         vs = self._get_vs()
-        return any(route.get("name") != "split" for route in ((vs or {}).get("spec") or {}).get("http") or [])
+        return any(route.get("name") in ("arm-a", "arm-b") for route in ((vs or {}).get("spec") or {}).get("http") or [])
+
+    def virtual_service(self) -> dict | None:
+        return self._get_vs()
 
     def _get_vs(self) -> dict | None:
         return self._call("get", VS_RESOURCE, "GET", f"{self.vs_path}/{self.name}", missing_ok=True)
@@ -624,6 +711,23 @@ class _Api:
 
 
 # ---- pure helpers: KServe's status, manifests and patches ---------------------------------------
+def _check_capture(live: dict, candidate: str, stable: str) -> None:
+    """Both revisions' payload loggers log answers and the request id, or a shadow could pair nothing: the
+    candidate is described by the live spec, the stable revision by the record of its predictor spec."""
+    predictors = {candidate: (live.get("spec") or {}).get("predictor") or {}}
+    predictors[stable] = (_read_record(live["metadata"].get("annotations") or {}).get(stable) or {}).get("predictor")
+    for revision, predictor in predictors.items():
+        if predictor is None:
+            raise RolloutStateError(f"no recorded spec of revision {revision}: cannot tell whether its logger logs answers")
+        logger = predictor.get("logger") or {}
+        if logger.get("mode") != "all" or REQUEST_ID_HEADER not in (logger.get("metadataHeaders") or []):
+            raise RolloutStateError(
+                f"revision {revision} was cut without shadow capture (its payload logger is {logger or 'off'}; a shadow "
+                f'needs mode "all" and metadataHeaders [{REQUEST_ID_HEADER!r}]): set KubernetesPlatform.shadow_capture, '
+                "and both the stable and the candidate revision must be deployed with it"
+            )
+
+
 def proxied_to_destination(uri: str, destination: str) -> str:
     """mlflow-artifacts:/1/m-x/artifacts (or mlflow-artifacts://host:port/1/...) -> <destination>/1/m-x/artifacts."""
     rest = uri.removeprefix("mlflow-artifacts:")

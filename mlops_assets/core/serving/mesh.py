@@ -31,6 +31,35 @@ Why it is built this way
   or a malformed one, goes to the predictor host: Knative's per-request split, as without A/B.
 * The objects outlive the test: callers keep one address. At promotion or rollback the routes are
   reset (`build_ab_virtual_service(..., percent=None)`): every user goes where Knative sends traffic.
+
+Shadow traffic (`build_mirror_virtual_service`) uses the same host and object
+-----------------------------------------------------------------------------
+* Where the copy is made. Istio mirrors on an HTTPRoute (`mirror` + `mirrorPercentage`, istio/api
+  networking/v1alpha3/virtual_service.proto: "the sidecar/gateway will not wait for the mirrored
+  cluster to respond"), so the route must be one of ours, on our host, for the reason above: KServe
+  rewrites its own VirtualService whole whenever it differs (`reconcileVirtualService`,
+  `routeSemanticEquals`), and net-istio's routes for the predictor host come first on the gateways.
+  The mesh route forwards to Knative's local gateway keeping our Host; at the gateway a second route
+  sends the request on to Knative's split and mirrors it. So the copy leaves from the gateway's pod,
+  the one caller the predictors' NetworkPolicy and AuthorizationPolicy already admit (k8s/base):
+  mirroring from a caller's sidecar would need every caller admitted to every predictor.
+* Where the copy goes: the candidate revision's own Kubernetes Service, `<revision>.<ns>.svc...:80`,
+  which is where net-istio sends a split's share (knative-extensions/net-istio pkg/reconciler/ingress/
+  resources/virtual_service.go, `makeVirtualServiceRoute`: destination `ServiceName` = the revision,
+  knative/serving pkg/reconciler/route/resources/ingress.go). Not a Host Knative routes by: Istio
+  1.27, the version KServe pins, still appends `-shadow` to a mirrored request's Host (istio/istio
+  pilot/pkg/networking/core/route/route.go `TranslateRequestMirrorPolicy` sets
+  `DisableShadowHostSuffixAppend` only from 1.28, flag DISABLE_SHADOW_HOST_SUFFIX), which no gateway
+  route would match; a revision's Service does not look at Host.
+* Which revision. While Knative's activator is in the path of the revision (scale from zero, burst
+  capacity) it picks the revision by the `Knative-Serving-Revision` / `-Namespace` headers, so the
+  route sets them. Envoy copies the request headers *after* the route's header operations and keeps
+  `x-request-id` (envoyproxy/envoy source/common/router/router.cc `Filter::decodeHeaders`:
+  `shadow_headers_` is made from the finalized downstream headers). The user's request goes on to
+  the gateway, where net-istio *sets* those headers again for the revision Knative picks (`Set:
+  split.AppendHeaders`), so the candidate's name never reaches the stable path.
+* With a candidate at 0% Knative's split sends every user to the stable revision: users only ever get
+  its answers. Ending a shadow is `build_ab_virtual_service(..., percent=None)` again.
 """
 
 from __future__ import annotations
@@ -167,6 +196,73 @@ def build_ab_virtual_service(isvc: str, namespace: str, percent: int | None, onl
         "metadata": {"name": ab_name(isvc), "namespace": namespace, "labels": labels, "annotations": annotations},
         "spec": {"hosts": [ab_host(isvc, namespace)], "gateways": [LOCAL_GATEWAY, MESH_GATEWAY], "http": routes},
     }
+
+
+#: Knative's activator picks a revision by these headers (knative/serving pkg/activator/activator.go).
+REVISION_HEADER = "Knative-Serving-Revision"
+REVISION_NAMESPACE_HEADER = "Knative-Serving-Namespace"
+#: The route at the gateway that sends users on to Knative's split and mirrors their requests.
+SHADOW_ROUTE = "shadow"
+MIRROR_ANNOTATION = "mlops-assets.dev/mirror"
+
+
+def check_mirror_percent(percent: int) -> int:
+    """A mirrored share is a whole percent 0-100 (0: mirroring off)."""
+    if isinstance(percent, bool) or not isinstance(percent, int) or not 0 <= percent <= 100:
+        raise ManifestError(f"mirror percent must be an integer 0-100, got {percent!r}")
+    return percent
+
+
+def revision_host(revision: str, namespace: str) -> str:
+    """The Kubernetes Service Knative makes for a revision, where net-istio sends the revision's share."""
+    return f"{validate_dns1035(revision, 'revision name')}.{validate_dns1035(namespace, 'namespace')}.svc.cluster.local"
+
+
+def build_mirror_virtual_service(isvc: str, namespace: str, revision: str, percent: int) -> dict:
+    """The VirtualService on the A/B host while a shadow runs: every request goes to Knative's split (the
+    candidate has 0%, so users get the stable revision's answers) and `percent`% of them are copied, at
+    Knative's local gateway, to `revision`'s own Service. The module docstring says why so."""
+    if check_mirror_percent(percent) == 0:
+        raise ManifestError("a mirror of 0% is no mirror: build_ab_virtual_service(isvc, namespace, None) ends one")
+    mirror_host = revision_host(revision, namespace)
+    gateway = {"host": LOCAL_GATEWAY_SERVICE, "port": {"number": 80}}
+    to_gateway = {
+        # Callers' sidecars: on to the gateway, our Host kept, so the gateway's route below applies there.
+        "name": "to-gateway",
+        "match": [{"gateways": [MESH_GATEWAY]}],
+        "route": [{"destination": gateway, "weight": 100}],
+    }
+    shadow = {
+        "name": SHADOW_ROUTE,
+        "match": [{"gateways": [LOCAL_GATEWAY]}],
+        "route": [{"destination": gateway, "weight": 100}],
+        "mirror": {"host": mirror_host, "port": {"number": 80}},
+        "mirrorPercentage": {"value": float(percent)},
+        "headers": {
+            "request": {
+                "set": {
+                    "Host": _host_of(isvc, namespace, None),
+                    REVISION_HEADER: revision,
+                    REVISION_NAMESPACE_HEADER: namespace,
+                    "x-mlops-ab-arm": "split",
+                }
+            }
+        },
+    }
+    vs = build_ab_virtual_service(isvc, namespace, None)
+    vs["metadata"]["annotations"][MIRROR_ANNOTATION] = f"{revision}:{percent}"
+    vs["spec"]["http"] = [to_gateway, shadow]
+    return vs
+
+
+def mirror_of(virtual_service: dict | None) -> tuple[str, int] | None:
+    """(revision, percent) a VirtualService built here mirrors to, or None."""
+    for route in ((virtual_service or {}).get("spec") or {}).get("http") or []:
+        mirror = route.get("mirror")
+        if route.get("name") == SHADOW_ROUTE and mirror:
+            percent = (route.get("mirrorPercentage") or {}).get("value", 100.0)
+            return mirror["host"].split(".", 1)[0], int(round(float(percent)))
+    return None
 
 
 def arm_for_request(virtual_service: dict, headers: dict[str, str]) -> str | None:
