@@ -6,9 +6,10 @@ without one (the UI's Materialize, `lifecycle_job`) it applies the manifest for 
 and `ab_test_job` roll `version` (default: the `challenger` alias) out with their strategy;
 `rollback_job` sends traffic back to the previous good revision. The rollout itself is the engine's
 `RolloutRunner`; this asset turns its events into materializations carrying their evidence, so the
-asset's history is the audit trail of every rollout. The blocking checks `error_rate` and
-`p95_latency` then judge the result; only if they pass does `models/<name>_champion` move MLflow's
-`champion` alias.
+asset's history is the audit trail of every rollout, and the rollout's last materialization shows
+it as a chart (`rollout_chart`: traffic share, rates and the tests' progress over time). The blocking
+checks `error_rate` and `p95_latency` then judge the result; only if they pass does
+`models/<name>_champion` move MLflow's `champion` alias.
 """
 
 import json
@@ -95,6 +96,22 @@ def _evidence_metadata(evidence: dict) -> dict:
     return flat
 
 
+def rollout_chart_metadata(events: list, title: str, log) -> dict:
+    """The rollout's chart (traffic share, rates against their limits, the tests' progress to a decision, over
+    time) as an image embedded in the materialization; a chart that cannot be drawn is logged, never fatal."""
+    from mlops_assets.core.monitoring.charts import png_markdown
+    from mlops_assets.core.rollout.charts import rollout_chart_png, rollout_series
+
+    if not events:  # nothing moved (the manifest matched the serving revision): nothing to draw
+        return {}
+    try:
+        png = rollout_chart_png(rollout_series(events), title)
+    except Exception as exc:  # noqa: BLE001 - the rollout already happened: a missing picture must not fail it
+        log(f"rollout chart not drawn: {type(exc).__name__}: {exc}")
+        return {}
+    return {"rollout_chart": dg.MetadataValue.md(png_markdown(png, title))}
+
+
 def _count_or_unknown(count: int | None) -> int | str:
     """A failed-request count for metadata: unknown (metrics unreadable) is not zero."""
     return "unknown (metrics could not be read)" if count is None else count
@@ -151,18 +168,24 @@ def build_serving_asset(declaration: ModelDeclaration) -> dg.AssetsDefinition:
         # Imported here: the rollout analysis needs numpy, which the code location does not load.
         from mlops_assets.core.rollout.runner import RolloutRunner
 
+        history: list = []  # the events reported, drawn as the rollout's chart at the end
+
+        def emit(event) -> None:
+            history.append(event)
+            context.log_event(_event_materialization(event, action))
+
         runner = RolloutRunner(
             platform=serving,
             metrics=metrics,
             registry=mlflow,
             policy=declaration.rollout_policy(rollout_policy),
-            emit=lambda event: context.log_event(_event_materialization(event, action)),
+            emit=emit,
             log=context.log.info,
             run_is_active=lambda run_id: _run_is_active(context.instance, run_id),
         )
         if action == ROLLBACK:
             return _rollback(runner, config, mlflow, serving, metrics)
-        return _rollout(context, runner, Strategy(action), config, mlflow, serving, metrics)
+        return _rollout(context, runner, Strategy(action), config, mlflow, serving, metrics, history)
 
     def _require_installed(mlflow, version, what: str) -> None:
         from mlops_assets.core.model_artifacts import missing_requirements
@@ -237,7 +260,7 @@ def build_serving_asset(declaration: ModelDeclaration) -> dg.AssetsDefinition:
             },
         )
 
-    def _rollout(context, runner, strategy, config, mlflow, serving, metrics) -> dg.MaterializeResult:
+    def _rollout(context, runner, strategy, config, mlflow, serving, metrics, history) -> dg.MaterializeResult:
         from mlops_assets.core.rollout.runner import RolloutRequest
 
         try:
@@ -284,6 +307,8 @@ def build_serving_asset(declaration: ModelDeclaration) -> dg.AssetsDefinition:
                 **_evidence_metadata(result.evidence),
             }
         )
+        title = f"{strategy} of {model_name} v{version.version}: {result.outcome}"
+        metadata.update(rollout_chart_metadata(history, title, context.log.warning))
         return dg.MaterializeResult(metadata=metadata)
 
     def _rollback(runner, config, mlflow, serving, metrics) -> dg.MaterializeResult:
