@@ -157,7 +157,17 @@ class RolloutRunner:
         if strategy is Strategy.BLUE_GREEN:
             if self.validation_body is None:
                 raise ValueError("a blue-green rollout needs a validation request body for the new revision")
-            return run_blue_green(ctx, manifest, self.policy.thresholds(), self.validation_body, self.policy.validation_requests)
+            p = self.policy
+            # Green is validated on mirrored live traffic with the shadow's mirroring bounds (the same router mechanism).
+            return run_blue_green(
+                ctx,
+                manifest,
+                p.thresholds(),
+                self.validation_body,
+                p.validation_requests,
+                mirror_percent=p.shadow_percent,
+                max_in_flight=p.shadow_max_in_flight,
+            )
         if strategy in (Strategy.SHADOW, Strategy.SHADOW_THEN_CANARY):
             p = self.policy
             return run_shadow(
