@@ -71,7 +71,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from mlops_assets.core.serving.manifest import ManifestError, validate_dns1035
 from mlops_assets.core.serving.mesh import arm_of, check_mirror_percent, check_split, parse_outcomes, user_bucket
-from mlops_assets.core.serving.wire import DriftGauges, parse_drift_body, payload_line, store_for
+from mlops_assets.core.serving.wire import DriftGauges, json_or_text, parse_drift_body, payload_line, store_for
 from mlops_assets.core.settings import PAYLOAD_SINK_MLFLOW_CLIENT_ENV, apply_mlflow_client_env, mlflow_tracking_uri_env
 
 log = logging.getLogger("mlops_assets.payload_sink")
@@ -131,15 +131,6 @@ def event_time(value: str | None) -> float | None:
     whole, fraction, zone = match.groups()
     stamp = datetime.fromisoformat(whole + ("+00:00" if zone == "Z" else zone))
     return stamp.timestamp() + (float(f"0.{fraction}") if fraction else 0.0)
-
-
-def _json_or_text(data: bytes | None):
-    if data is None:
-        return None
-    try:
-        return json.loads(data)
-    except ValueError:
-        return {"text": data[:2000].decode("utf-8", "replace")}
 
 
 class ShadowPairs:
@@ -209,8 +200,8 @@ class ShadowPairs:
             record[f"{side}_revision"] = mirror.get(side, "")
             record[f"{side}_status"] = 200 if answered else 0
             record[f"{side}_latency_s"] = round(latency, 6)
-            record[side] = _json_or_text(got["answer"]) if answered else None
-        record["request"] = _json_or_text(entry["stable"].get("request") or entry["candidate"].get("request"))
+            record[side] = json_or_text(got["answer"]) if answered else None
+        record["request"] = json_or_text(entry["stable"].get("request") or entry["candidate"].get("request"))
         self.pairs.append(record)
 
     def page(self, since: int, limit: int, now: float) -> dict:

@@ -80,7 +80,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from mlops_assets.core.serving.mesh import user_bucket
-from mlops_assets.core.serving.wire import DriftGauges, parse_drift_body, payload_line
+from mlops_assets.core.serving.wire import DriftGauges, json_or_text, parse_drift_body, payload_line
 
 TAGS = ("latest", "prev")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -483,15 +483,6 @@ class PayloadLog:
         self.handle.close()
 
 
-def _json_or_text(data: bytes | None):
-    if data is None:
-        return None
-    try:
-        return json.loads(data)
-    except ValueError:
-        return {"text": data[:2000].decode("utf-8", "replace")}
-
-
 def _pair_json(pair: tuple) -> dict:
     seq, ts, stable, status, latency, payload, revision, shadow_status, shadow_latency, shadow_payload, body = pair
     return {
@@ -500,12 +491,12 @@ def _pair_json(pair: tuple) -> dict:
         "stable_revision": stable,
         "stable_status": status,
         "stable_latency_s": round(latency, 6),
-        "stable": _json_or_text(payload),
+        "stable": json_or_text(payload),
         "candidate_revision": revision,
         "candidate_status": shadow_status,
         "candidate_latency_s": round(shadow_latency, 6),
-        "candidate": _json_or_text(shadow_payload) if shadow_status else None,
-        "request": _json_or_text(body),
+        "candidate": json_or_text(shadow_payload) if shadow_status else None,
+        "request": json_or_text(body),
     }
 
 

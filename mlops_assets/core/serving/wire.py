@@ -3,6 +3,8 @@ imports: pandas stays out of them."""
 
 from __future__ import annotations
 
+import json
+
 
 def payload_line(ts: float, body: bytes) -> bytes:
     """One line of a payload log: the request body, raw, wrapped with its arrival time (so readers can
@@ -46,3 +48,13 @@ def store_for(tracking_uri: str) -> str:
     if not tracking_uri.startswith(("http://", "https://")):
         raise ValueError(f"the payload store needs an MLflow tracking server (http[s]://...), got {tracking_uri!r}")
     return f"{tracking_uri.rstrip('/')}/api/2.0/mlflow-artifacts/artifacts/payloads"
+
+
+def json_or_text(data: bytes | None):
+    """A recorded request or answer as JSON, or its first 2,000 characters as text (None stays None)."""
+    if data is None:
+        return None
+    try:
+        return json.loads(data)
+    except ValueError:
+        return {"text": data[:2000].decode("utf-8", "replace")}
