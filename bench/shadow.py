@@ -16,7 +16,7 @@
     analysis passes or 5,000 requests have been compared. Also RUNS/5 candidates exactly at the tolerance
     (flip rate 2%) watched over 2,000 requests: their rejections are bounded by alpha too.
 
-Run: python bench/shadow.py [--duration 4] [--rounds 3] [--mirror-percent 100] [--max-in-flight 8] [--runs 1000]
+Run: python bench/shadow.py [--duration 4] [--rounds 3] [--mirror-percent 100] [--max-in-flight 2] [--runs 1000]
 Final line: shadow primary_throughput_ratio=<on/off> flip_detect_requests=<median> false_reject=<rate>
 """
 
@@ -40,6 +40,7 @@ from router_overhead import CpuMeter, python_run, wrk_run  # noqa: E402
 
 from mlops_assets.core.rollout.analysis import Decision  # noqa: E402
 from mlops_assets.core.rollout.shadow import MirroredPair, ShadowAnalysis, ShadowTolerances  # noqa: E402
+from mlops_assets.core.settings import SHADOW_MAX_IN_FLIGHT  # noqa: E402
 
 
 # ---- (a) throughput -----------------------------------------------------------------------------
@@ -183,7 +184,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--mirror-percent", type=int, default=100)
-    parser.add_argument("--max-in-flight", type=int, default=8)
+    parser.add_argument("--max-in-flight", type=int, default=SHADOW_MAX_IN_FLIGHT)
     parser.add_argument("--runs", type=int, default=1000)
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -24,6 +24,7 @@ from mlops_assets.core.rollout.analysis import CanaryAnalysis, Decision, Thresho
 from mlops_assets.core.rollout.strategies import RolloutContext, RolloutResult, run_blue_green
 from mlops_assets.core.serving.metrics import RevisionCounts
 from mlops_assets.core.serving.platform import ServiceStatus
+from mlops_assets.core.settings import SHADOW_MAX_IN_FLIGHT
 from mlops_assets.servers.router import LATENCY_BUCKETS
 
 ISVC = "sim-bluegreen"
@@ -153,7 +154,7 @@ class SimulatedService:
         self.green_percent, self.rolled_out, self.mirror_percent = 0, "blue", 0
         return self.status()
 
-    def set_mirror(self, name: str, percent: int, max_in_flight: int = 8) -> ServiceStatus:
+    def set_mirror(self, name: str, percent: int, max_in_flight: int = SHADOW_MAX_IN_FLIGHT) -> ServiceStatus:
         if not self.mirror_supported:
             raise NotImplementedError("the simulated platform does not mirror traffic")
         self.mirror_percent = percent

@@ -39,6 +39,7 @@ from mlops_assets.core.serving.kubernetes import KubernetesPlatform
 from mlops_assets.core.serving.manifest import ManifestError
 from mlops_assets.core.serving.metrics import MetricsSource, RevisionCounts
 from mlops_assets.core.serving.platform import RolloutStateError
+from mlops_assets.core.settings import SHADOW_MAX_IN_FLIGHT
 from mlops_assets.servers.payload_sink import ShadowPairs
 from mlops_assets_tests.test_cluster_ab import VIRTUALSERVICES, sink, vs_validator  # noqa: F401 - fixtures: a real sink, the schema
 from mlops_assets_tests.test_k8s_manifests import get, kustomized, objects, pods, rendered  # noqa: F401 - fixtures
@@ -266,7 +267,7 @@ def test_kubernetes_platform_applies_and_removes_the_mirror(sink):  # noqa: F811
         assert logger == {"mode": "all", "url": sink, "metadataHeaders": ["X-Request-Id"]}
         platform.apply(manifest_for("2", canary=0))
         status = platform.set_mirror(NAME, 25)
-        assert status.mirror == {"revision": rev(2), "percent": 25, "max_in_flight": 8}
+        assert status.mirror == {"revision": rev(2), "percent": 25, "max_in_flight": SHADOW_MAX_IN_FLIGHT}
         assert status.percent_of(rev(2)) == 0  # users stay on the stable revision
         vs = _stored_vs(cluster)
         assert mesh.mirror_of(vs) == (rev(2), 25)

@@ -306,7 +306,7 @@ def test_mirrored_traffic_rejects_a_flipping_candidate_and_passes_an_identical_o
                 timeout_s=120,
             )
             with Users(status.predict_url("v1"), v["frame"]) as users:
-                result = run_shadow(ctx, manifest(v[name]), thresholds, tolerances, mirror_percent=100, max_in_flight=8)
+                result = run_shadow(ctx, manifest(v[name]), thresholds, tolerances, mirror_percent=100)
             # Until the shadow's decision, users were served while it ran (after a pass, the candidate is promoted).
             decided = next(t for t, e in events if e.kind in ("shadow_passed", "rollback"))
             outcomes[name] = (result, [e for _, e in events], [a for a in users.answers if a[2] <= decided])

@@ -45,6 +45,13 @@ ROLLOUT_VARIABLES: dict[str, tuple[str, Callable[[str], object], object]] = {
     "MLOPS_ROLLOUT_AB_BASE_RATE": ("ab_base_rate", float, 0.05),
     "MLOPS_ROLLOUT_AB_MIN_LIFT": ("ab_min_lift", float, 0.10),
 }
+#: Shadow traffic: at most this many mirrored copies wait on the candidate at once (the router's default and
+#: `RolloutPolicy.shadow_max_in_flight`'s); past it a copy is dropped and counted. A local model server is one
+#: process: two copies keep it busy (one computed, one queued), and more only queue there while taking CPU
+#: from the stable server beside it. On 2 cores, under a load that saturates the stable server, mirroring
+#: every request cost the primary 11% of its throughput at 8, 7-9% at 4 and 4% at 2 (bench/RESULTS.md,
+#: "Shadow traffic"); below saturation the bound is never reached.
+SHADOW_MAX_IN_FLIGHT = 2
 #: RolloutPolicy field -> default, for the fields the MLOPS_ROLLOUT_* variables set.
 ROLLOUT_DEFAULTS: dict[str, object] = {field: default for field, _parse, default in ROLLOUT_VARIABLES.values()}
 

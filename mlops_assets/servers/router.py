@@ -81,6 +81,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from mlops_assets.core.serving.mesh import user_bucket
 from mlops_assets.core.serving.wire import DriftGauges, json_or_text, parse_drift_body, payload_line
+from mlops_assets.core.settings import SHADOW_MAX_IN_FLIGHT
 
 TAGS = ("latest", "prev")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -89,7 +90,6 @@ EJECT_BASE_S = 2.0
 EJECT_MAX_S = 30.0
 CONTROL_MAX_BYTES = 1 << 20
 CONTROL_MAX_DEPTH = 32
-MIRROR_MAX_IN_FLIGHT = 8
 MIRROR_TIMEOUT_S = 10.0
 #: Mirrored pairs kept for `GET /-/shadow` (the oldest are dropped first, and counted as lost by readers).
 MIRROR_BUFFER = 20_000
@@ -395,7 +395,7 @@ def _compile_mirror(mirror, revisions: dict) -> tuple[str, float, int] | None:
         return None
     if not isinstance(mirror, dict):
         raise RoutingError(f"mirror is {{'revision': name, 'percent': 0-100, 'max_in_flight': int}}, got {mirror!r}")
-    rev, pct, limit = mirror.get("revision"), mirror.get("percent", 100), mirror.get("max_in_flight", MIRROR_MAX_IN_FLIGHT)
+    rev, pct, limit = mirror.get("revision"), mirror.get("percent", 100), mirror.get("max_in_flight", SHADOW_MAX_IN_FLIGHT)
     if not isinstance(rev, str) or rev not in revisions:
         raise RoutingError(f"mirror names unknown revision {rev!r}")
     if isinstance(pct, bool) or not isinstance(pct, int | float) or not 0 < pct <= 100:

@@ -7,7 +7,7 @@ from enum import StrEnum
 from pydantic import Field
 
 from mlops_assets.core.config import EngineConfig
-from mlops_assets.core.settings import ROLLOUT_DEFAULTS
+from mlops_assets.core.settings import ROLLOUT_DEFAULTS, SHADOW_MAX_IN_FLIGHT
 
 
 class Strategy(StrEnum):
@@ -63,7 +63,7 @@ class RolloutPolicy(EngineConfig):
     ab_min_lift: float = Field(default=ROLLOUT_DEFAULTS["ab_min_lift"], gt=0)
     # Shadow traffic (see core/rollout/shadow.py): how much is mirrored, and what the candidate may change.
     shadow_percent: int = Field(default=100, ge=1, le=100)
-    shadow_max_in_flight: int = Field(default=8, ge=1, le=1024)
+    shadow_max_in_flight: int = Field(default=SHADOW_MAX_IN_FLIGHT, ge=1, le=1024)
     shadow_threshold: float | None = None  # a classifier's decision threshold; None: compare scores / regressions
     shadow_max_flip_rate: float = Field(default=0.02, gt=0, lt=1)
     shadow_max_mean_abs_diff: float = Field(default=0.05, gt=0)

@@ -84,6 +84,7 @@ from mlops_assets.core.serving.manifest import (
     validate_dns1035,
 )
 from mlops_assets.core.serving.platform import RolloutStateError, ServiceStatus, ServingPlatform, UnknownServiceError
+from mlops_assets.core.settings import SHADOW_MAX_IN_FLIGHT
 
 if TYPE_CHECKING:
     from kubernetes.client import CustomObjectsApi
@@ -338,7 +339,7 @@ class KubernetesPlatform(ServingPlatform):
         return True
 
     # ---- shadow traffic: mirrored at the mesh, pairs joined at the payload sink ---------------------------
-    def set_mirror(self, name: str, percent: int, max_in_flight: int = 8) -> ServiceStatus:
+    def set_mirror(self, name: str, percent: int, max_in_flight: int = SHADOW_MAX_IN_FLIGHT) -> ServiceStatus:
         """Mirror `percent`% of the requests to the A/B host to the candidate (the latest ready revision, not
         rolled out) and have the payload sink pair their answers; 0 stops. `max_in_flight` is the local
         router's bound: on a cluster Envoy's mirror is fire-and-forget within the route's timeout."""

@@ -31,6 +31,7 @@ from mlops_assets.core.serving.manifest import (
     predictor_identity,
     validate_dns1035,
 )
+from mlops_assets.core.settings import SHADOW_MAX_IN_FLIGHT
 
 if TYPE_CHECKING:
     from mlops_assets.core.serving.lock import RolloutLock
@@ -157,7 +158,7 @@ class ServingPlatform(EngineConfig, ABC):
         """Expose the latest drift report as Prometheus gauges (model_drift_share, model_drift_score)."""
         raise NotImplementedError(f"{type(self).__name__} does not publish drift gauges")
 
-    def set_mirror(self, name: str, percent: int, max_in_flight: int = 8) -> ServiceStatus:
+    def set_mirror(self, name: str, percent: int, max_in_flight: int = SHADOW_MAX_IN_FLIGHT) -> ServiceStatus:
         """Mirror `percent`% of live requests to the latest ready revision (not rolled out: users never get
         its answers), at most `max_in_flight` copies waiting at once; `percent` 0 stops mirroring."""
         raise NotImplementedError(f"{type(self).__name__} does not mirror traffic")
@@ -205,7 +206,7 @@ class LocalPlatform(ServingPlatform):
         if code != 200:
             raise RuntimeError(f"router of {name} refused the drift gauges: {code} {body}")
 
-    def set_mirror(self, name: str, percent: int, max_in_flight: int = 8) -> ServiceStatus:
+    def set_mirror(self, name: str, percent: int, max_in_flight: int = SHADOW_MAX_IN_FLIGHT) -> ServiceStatus:
         if isinstance(percent, bool) or not isinstance(percent, int) or not 0 <= percent <= 100:
             raise ManifestError(f"mirror percent must be an integer 0-100, got {percent!r}")
         with self._locked(name) as directory:
