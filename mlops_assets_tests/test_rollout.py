@@ -16,6 +16,7 @@ from mlops_assets.core import processes
 from mlops_assets.core.platform import services
 from mlops_assets.core.rollout.ab import ABTest
 from mlops_assets.core.rollout.analysis import Thresholds
+from mlops_assets.core.rollout.charts import rollout_series
 from mlops_assets.core.rollout.strategies import PROMOTED, ROLLED_BACK, RolloutContext, run_ab_test, run_blue_green, run_canary
 from mlops_assets.core.serving.lock import FileRolloutLock, LockInfo, RolloutInProgressError
 from mlops_assets.core.serving.manifest import Deployment, build_inference_service
@@ -72,11 +73,19 @@ def _reset_to(platform, versions, version: str) -> None:
 def test_canary_promotes_a_healthy_version_step_by_step(platform, versions, users):
     _reset_to(platform, versions, "1")
     ctx, events = _ctx(platform)
+    history: list = []  # as the serving asset keeps them for the chart: events and window samples in order
+    ctx.emit, ctx.observe = (lambda e: (events.append(e), history.append(e))), history.append
     result = run_canary(ctx, manifest(versions["2"]), FAST)
     assert result.outcome == PROMOTED, result.reason
     assert [e.kind for e in events] == ["canary_start", "step", "promote"]
     assert [e.percent for e in events] == [20, 50, 100]
     assert all("e_values" in e.evidence for e in events[1:])
+    # Every analysed window reached the chart (not the asset events): one sample per 0.5 s poll with data.
+    samples = [e for e in history if e.kind == "window"]
+    assert len(samples) >= 2 and all("e_values" in s.evidence and s.percent is None for s in samples)
+    assert [e.elapsed_s for e in history] == sorted(e.elapsed_s for e in history)
+    series = rollout_series(history)
+    assert len(series.times_s) == len(history) and series.traffic_percent[-1] == 100
     status = platform.status(ISVC)
     assert status.stable_version == "2" and status.previous_rolledout == result.stable_revision
     assert result.candidate_failed_requests == 0 and result.stable_failed_requests == 0

@@ -6,7 +6,9 @@ Why this design
 The rollout's asset events already carry everything (each `RolloutEvent` has the time, the candidate's
 share and the analysis's evidence), but as numbers in one event after another; what a platform engineer
 wants to see is the shape: when traffic moved, which rate rose, which test was about to fire. So the
-orchestrator keeps the events it reported and hands them here at the end; nothing in the runner changes.
+orchestrator keeps the events it reported, with the evidence of every analysed window in between
+(`RolloutContext.observe`: not asset events, since a canary watched every 2 s would make hundreds), and
+hands them here at the end.
 
 Three panels share the time axis:
 - traffic: the candidate's share of user traffic, as the platform set it at each event (a shadow's
@@ -51,7 +53,7 @@ _LIMITS = (
 
 @dataclass
 class RolloutSeries:
-    """The numbers the chart draws, one entry per event (None: that event did not say)."""
+    """The numbers the chart draws, one entry per event or window sample (None: that one did not say)."""
 
     times_s: list[float] = field(default_factory=list)
     kinds: list[str] = field(default_factory=list)

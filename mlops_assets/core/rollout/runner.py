@@ -77,6 +77,8 @@ class RolloutRunner:
     #: Receives every traffic change (and a recovery from a dead rollout) with its evidence.
     emit: Callable[[RolloutEvent], None]
     log: Callable[[str], None] = print
+    #: Receives each analysed window's evidence between the events (`RolloutContext.observe`).
+    observe: Callable[[RolloutEvent], None] | None = None
     #: Whether the run that holds a lock is still alive; a lock held by a dead run is taken over.
     run_is_active: Callable[[str], bool] = lambda run_id: True
     #: One request body the blue-green validation sends to the new revision (the model's payload).
@@ -149,6 +151,7 @@ class RolloutRunner:
             isvc=isvc,
             emit=emit,
             log=self.log,
+            observe=self.observe,
             poll_s=self.policy.poll_s,
             timeout_s=self.policy.timeout_s,
         )

@@ -23,6 +23,7 @@ from mlops_assets.core.rollout.analysis import CanaryAnalysis, Decision, Thresho
 from mlops_assets.core.rollout.shadow import MirroredPair, ShadowAnalysis, ShadowTolerances, pair_from_record
 from mlops_assets.core.serving.metrics import MetricsSource, MetricsUnavailableError, RevisionCounts
 from mlops_assets.core.serving.platform import ServiceStatus, ServingPlatform
+from mlops_assets.core.settings import SHADOW_MAX_IN_FLIGHT
 
 PROMOTED, ROLLED_BACK, UNCHANGED = "promoted", "rolled_back", "unchanged"
 
@@ -31,7 +32,7 @@ PROMOTED, ROLLED_BACK, UNCHANGED = "promoted", "rolled_back", "unchanged"
 class RolloutEvent:
     kind: str  # canary_start, step, hold, promote, rollback, green_deployed, validated, switch, ab_start, ab_decision
     percent: int | None
-    status: ServiceStatus
+    status: ServiceStatus | None  # None for a window's sample (`RolloutContext.sample`)
     evidence: dict
     elapsed_s: float
     #: Filled in by the runner: which rollout, and which model version it rolls out.
@@ -61,6 +62,9 @@ class RolloutContext:
     isvc: str
     emit: Callable[[RolloutEvent], None]
     log: Callable[[str], None] = print
+    #: Receives the analysis's evidence after every window that had data, between the events `emit` gets (a
+    #: canary watched every 2 s would be hundreds of asset events): the rollout chart's points in between.
+    observe: Callable[[RolloutEvent], None] | None = None
     poll_s: float = 2.0
     timeout_s: float = 900.0
     clock: Callable[[], float] = time.monotonic
@@ -79,6 +83,12 @@ class RolloutContext:
     def event(self, kind: str, status: ServiceStatus, evidence: dict, percent: int | None = None) -> None:
         self.log(f"{self.isvc}: {kind} {'' if percent is None else f'-> {percent}% '}{evidence.get('reason', '')}")
         self.emit(RolloutEvent(kind, percent, status, evidence, round(self.elapsed(), 2)))
+
+    def sample(self, kind: str, evidence: dict) -> None:
+        """One window's evidence for `observe` (not an event: nothing is logged or emitted; the traffic share is
+        the last event's)."""
+        if self.observe is not None:
+            self.observe(RolloutEvent(kind, None, None, evidence, round(self.elapsed(), 2)))
 
     def counts(self, url: str) -> dict[str, RevisionCounts] | None:
         try:
@@ -194,6 +204,8 @@ def _watch(ctx: RolloutContext, analysis: CanaryAnalysis, candidate: str, stable
         now = ctx.counts(url)
         window = _window(now, before, candidate, stable, slow_s) if (now is not None and before is not None) else None
         verdict = analysis.observe(window, ctx.clock())
+        if window is not None:
+            ctx.sample("window", {"reason": verdict.reason, **verdict.evidence})
         if now is not None:
             before = now
         if verdict.decision in (Decision.PROMOTE, Decision.ROLLBACK):
@@ -359,7 +371,7 @@ def run_blue_green(
     validation_body: bytes,
     validation_requests: int = 50,
     mirror_percent: int = 100,
-    max_in_flight: int = 8,
+    max_in_flight: int = SHADOW_MAX_IN_FLIGHT,
     send: Callable[[str, bytes, str, int], int] = _validation_answer,
 ) -> RolloutResult:
     """Green at 0% next to blue; validate green; switch all traffic at once; keep blue warm until the post-switch
@@ -561,7 +573,7 @@ def run_shadow(
     thresholds: Thresholds,
     tolerances: ShadowTolerances,
     mirror_percent: int = 100,
-    max_in_flight: int = 8,
+    max_in_flight: int = SHADOW_MAX_IN_FLIGHT,
     then_canary: bool = False,
 ) -> RolloutResult:
     """Deploy the candidate at 0%, mirror `mirror_percent`% of live requests to it and compare its answers with

@@ -181,6 +181,7 @@ def build_serving_asset(declaration: ModelDeclaration) -> dg.AssetsDefinition:
             policy=declaration.rollout_policy(rollout_policy),
             emit=emit,
             log=context.log.info,
+            observe=history.append,
             run_is_active=lambda run_id: _run_is_active(context.instance, run_id),
         )
         if action == ROLLBACK:
