@@ -159,7 +159,13 @@ ROUTER_NOTICES_S = 0.05
 
 def _kill(platform: LocalPlatform, name: str, revision: str) -> None:
     """SIGKILL the revision's server and return once it is dead (its sockets closed): until then
-    it may still accept a connection, so a request sent meanwhile was in flight at the kill."""
+    it may still accept a connection, so a request sent meanwhile was in flight at the kill.
+
+    The kernel frees a killed process's memory before it closes its files, and meanwhile the listening
+    socket still completes handshakes: the connections made in that window are reset when it closes, with
+    the request sent. Measured here: 3 ms for a 350 MB process on a quiet box (up to 129 connections taken
+    into the backlog), 1 s for 2.5 GB. The router cannot tell such a request from one the server read and
+    died on, so it answers 502 for both (a request that could kill a server is not replayed to another)."""
     record = processes.read_record(platform._dir(name) / "revisions" / f"{revision}.pid")
     os.kill(record.pid, signal.SIGKILL)
     deadline = time.monotonic() + 5
