@@ -3,9 +3,16 @@
 No cluster runs here. What stands in, and what is real:
 - The mirroring VirtualService `core/serving/mesh.py` builds is validated offline against the
   `networking.istio.io/v1` schema of Istio 1.27.1's CRD (the file test_cluster_ab uses), and a broken one
-  is refused by it.
+  is refused by it. So is the DestinationRule that bounds the copies in flight, against the DestinationRule
+  schema of the same release: `schemas/istio-1.27.1-destinationrule-v1.json` is the `v1` version's
+  `openAPIV3Schema` of the DestinationRule CRD in istio/istio manifests/charts/base/files/crd-all.gen.yaml
+  at tag 1.27.1 (commit 4ac35992, built from istio/api f5a5d3a6, the commit the VirtualService schema was
+  taken from; that file's VirtualService schema is identical to the stored one), written with
+  `json.dumps(schema, sort_keys=True, indent=1)` as the VirtualService's was. What Istio does with the
+  rule (Envoy's circuit breakers on the mirror's subset cluster) is read from Istio's source, not run.
 - `KubernetesPlatform` runs against kmock (test_kubernetes_platform's FakeCluster and its KServe controller
-  stand-in): it applies the mirror, removes it, and makes only the calls Role mlops-rollout grants.
+  stand-in): it applies the bound and the mirror, removes both (stopping, rolling back, promoting, starting
+  an A/B test), and makes only the calls Role mlops-rollout grants.
 - The payload sink is a real process on 127.0.0.1. No KServe agent runs: the tests post the CloudEvents
   KServe's payload logger sends (kserve/kserve pkg/logger/handler.go and worker.go: a request event, a
   response event for 200s only, `ce-source` the pod's name, `ce-time` the moment, `ce-metadata` the
@@ -19,14 +26,18 @@ No cluster runs here. What stands in, and what is real:
 
 from __future__ import annotations
 
+import inspect
 import json
 import random
+import re
 import time
 import uuid
 from datetime import UTC, datetime
 from http.client import HTTPConnection
+from pathlib import Path
 from urllib.parse import urlsplit
 
+import jsonschema
 import kmock
 import pytest
 
@@ -46,6 +57,14 @@ from mlops_assets_tests.test_k8s_manifests import get, kustomized, objects, pods
 from mlops_assets_tests.test_kubernetes_platform import NAME, NS, FakeClock, FakeCluster, manifest_for, rev
 
 ISVC = kmock.resource("serving.kserve.io", "v1beta1", "inferenceservices")
+DESTINATIONRULES = kmock.resource("networking.istio.io", "v1", "destinationrules")
+#: See the module docstring for where this came from.
+DR_SCHEMA = Path(__file__).parent / "schemas" / "istio-1.27.1-destinationrule-v1.json"
+
+
+@pytest.fixture(scope="module")
+def dr_validator() -> jsonschema.Draft7Validator:
+    return jsonschema.Draft7Validator(json.loads(DR_SCHEMA.read_text()))
 
 
 # ---- the built object -----------------------------------------------------------------------------------
@@ -65,7 +84,8 @@ def test_the_mirror_virtual_service_validates_against_istios_crd(vs_validator, p
     assert shadow["match"] == [{"gateways": ["knative-serving/knative-local-gateway"]}]
     # Users: Knative's split through the gateway; the copy: the candidate revision's own Service.
     assert [d["destination"]["host"] for d in shadow["route"]] == [gateway]
-    assert shadow["mirror"] == {"host": f"{rev(2)}.{NS}.svc.cluster.local", "port": {"number": 80}}
+    # The subset of the shadow's DestinationRule: the copies' own cluster, bounded in flight.
+    assert shadow["mirror"] == {"host": f"{rev(2)}.{NS}.svc.cluster.local", "subset": "shadow", "port": {"number": 80}}
     assert shadow["mirrorPercentage"] == {"value": float(percent)}
     headers = shadow["headers"]["request"]["set"]
     assert headers["Host"] == f"{NAME}-predictor.{NS}.svc.cluster.local"
@@ -86,6 +106,56 @@ def test_the_schema_really_rejects_a_broken_mirror(vs_validator):  # noqa: F811 
     assert list(vs_validator.iter_errors(vs))
 
 
+@pytest.mark.parametrize("max_in_flight", [1, 2, 64])
+def test_the_bound_on_copies_validates_against_istios_crd(dr_validator, max_in_flight):
+    """The DestinationRule on the candidate's Service: its subset `shadow` (what the mirror names) allows
+    `max_in_flight` active requests (Envoy's max_requests, HTTP/1.1 and HTTP/2) and as many connections, and
+    queues one more at most (0 would be Istio's "no limit"); nothing else, so users' traffic to the revision
+    (the host's default cluster) is never limited, and no `tls` that could switch off auto mTLS."""
+    dr = mesh.build_mirror_destination_rule(NAME, NS, rev(2), max_in_flight)
+    errors = [e.message for e in dr_validator.iter_errors(dr)]
+    assert not errors, errors
+    assert (dr["apiVersion"], dr["kind"]) == ("networking.istio.io/v1", "DestinationRule")
+    assert (dr["metadata"]["name"], dr["metadata"]["namespace"]) == (f"{NAME}-shadow", NS)
+    vs = mesh.build_mirror_virtual_service(NAME, NS, rev(2), 20)
+    mirror = vs["spec"]["http"][1]["mirror"]
+    assert dr["spec"]["host"] == mirror["host"] == mesh.revision_host(rev(2), NS)
+    assert set(dr["spec"]) == {"host", "subsets"}  # no top-level trafficPolicy: the default cluster is untouched
+    (subset,) = dr["spec"]["subsets"]
+    assert subset["name"] == mirror["subset"] and "labels" not in subset  # every endpoint: pods or the activator
+    assert subset["trafficPolicy"] == {
+        "connectionPool": {
+            "tcp": {"maxConnections": max_in_flight},
+            "http": {"http2MaxRequests": max_in_flight, "http1MaxPendingRequests": 1},
+        }
+    }
+    assert "tls" not in json.dumps(dr)  # auto mTLS: ISTIO_MUTUAL to sidecars, as STRICT PeerAuthentication needs
+    assert mesh.shadow_limit_of(dr) == (rev(2), max_in_flight)
+    assert mesh.shadow_limit_of(None) is None and mesh.shadow_limit_of(vs) is None
+
+
+def test_the_schema_really_rejects_a_broken_bound(dr_validator):
+    dr = mesh.build_mirror_destination_rule(NAME, NS, rev(2), 4)
+    del dr["spec"]["host"]  # required
+    assert list(dr_validator.iter_errors(dr))
+    dr = mesh.build_mirror_destination_rule(NAME, NS, rev(2), 4)
+    dr["spec"]["subsets"][0]["trafficPolicy"]["connectionPool"]["http"]["http2MaxRequests"] = "four"
+    assert list(dr_validator.iter_errors(dr))
+    dr = mesh.build_mirror_destination_rule(NAME, NS, rev(2), 4)
+    dr["spec"]["subsets"][0]["trafficPolicy"]["tls"] = {"mode": "OFF"}  # not one of Istio's modes
+    assert list(dr_validator.iter_errors(dr))
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 2.0, "2", None, 2**31])
+def test_a_bound_that_is_no_positive_int32_is_refused(bad):
+    with pytest.raises(ManifestError, match="max_in_flight"):
+        mesh.build_mirror_destination_rule(NAME, NS, rev(2), bad)
+    with pytest.raises(ManifestError):
+        mesh.build_mirror_destination_rule("Bad_Name", NS, rev(2), 2)
+    with pytest.raises(ManifestError):
+        mesh.build_mirror_destination_rule(NAME, NS, "Bad_Revision", 2)
+
+
 @pytest.mark.parametrize("bad", [0, 101, -1, True, 50.0, "50"])
 def test_a_mirror_outside_1_to_100_percent_is_refused(bad):
     with pytest.raises(ManifestError):
@@ -98,6 +168,24 @@ def test_a_revision_that_is_no_dns_label_is_refused():
 
 
 # ---- RBAC and policies --------------------------------------------------------------------------------
+def test_rollout_role_grants_exactly_the_shadow_limit_calls(rendered):  # noqa: F811 - test_k8s_manifests' fixture
+    """`_ShadowLimit`'s calls (`self._call("<verb>", ...)`), SHADOW_VERBS (named in its 403s) and Role
+    mlops-rollout's rule on destinationrules are one set, in every kustomization."""
+    called = set(re.findall(r'self\._call\(\s*"(\w+)"', inspect.getsource(kubernetes._ShadowLimit)))
+    assert {kubernetes.DR_RESOURCE: called} == {k: set(v) for k, v in kubernetes.SHADOW_VERBS.items()}
+    for what, verbs in kubernetes.SHADOW_VERBS.items():
+        assert f"{what}: {', '.join(verbs)}" in kubernetes.SHADOW_ERRORS.rbac
+    for name in ("base", "dev", "prod"):
+        role = get(rendered[name], "Role", NS, "mlops-rollout")
+        granted = {
+            verb
+            for rule in role["rules"]
+            if "networking.istio.io" in rule["apiGroups"] and "destinationrules" in rule["resources"]
+            for verb in rule["verbs"]
+        }
+        assert granted == called, f"{name}: destinationrules {sorted(granted)}"
+
+
 def test_shadow_runs_reach_the_sink_and_only_the_gateway_sends_copies(rendered, pods):  # noqa: F811 - fixtures
     """Run pods declare, read and end shadows at the sink; predictors, Prometheus and strangers may not. The
     copies leave from the gateway, which the predictors admit at both layers."""
@@ -250,6 +338,27 @@ def _stored_vs(cluster) -> dict:
     return cluster.run(lambda api: json.loads(json.dumps(api.objects[VIRTUALSERVICES, NS, f"{NAME}-ab"].raw)))
 
 
+def _stored_dr(cluster) -> dict | None:
+    def read(api):
+        key = (DESTINATIONRULES, NS, f"{NAME}-shadow")
+        if key not in api.objects or api.objects[key].deleted:
+            return None
+        return json.loads(json.dumps(api.objects[key].raw))
+
+    return cluster.run(read)
+
+
+def _routing_calls(cluster) -> list[str]:
+    """The writes on the shadow's objects, in order: "dr POST", "vs PATCH", ..."""
+    kinds = {"/destinationrules": "dr", "/virtualservices": "vs", "/inferenceservices": "isvc"}
+    calls = []
+    for r in cluster.requests():
+        kind = next((k for part, k in kinds.items() if part in r["path"]), None)
+        if kind and r["method"] != "GET":
+            calls.append(f"{kind} {r['method']}")
+    return calls
+
+
 def _platform(cluster, sink_url: str, capture: bool = True) -> KubernetesPlatform:
     return KubernetesPlatform(
         host=cluster.url, namespace=NS, poll_s=0.01, ready_timeout_s=5, payload_sink_url=sink_url, shadow_capture=capture
@@ -273,24 +382,55 @@ def test_kubernetes_platform_applies_and_removes_the_mirror(sink):  # noqa: F811
         assert mesh.mirror_of(vs) == (rev(2), 25)
         owner = vs["metadata"]["ownerReferences"][0]
         assert (owner["kind"], owner["name"]) == ("InferenceService", NAME)
+        # The bound on the copies in flight: the setting's default, on the subset the mirror names, created before
+        # the mirror (a mirror to an undefined subset would lose its copies), owned by the InferenceService.
+        dr = _stored_dr(cluster)
+        assert mesh.shadow_limit_of(dr) == (rev(2), SHADOW_MAX_IN_FLIGHT)
+        assert dr["spec"]["subsets"][0]["name"] == vs["spec"]["http"][1]["mirror"]["subset"]
+        owner = dr["metadata"]["ownerReferences"][0]
+        assert (owner["kind"], owner["name"]) == ("InferenceService", NAME)
+        assert _routing_calls(cluster)[-2:] == ["dr POST", "vs POST"]
         assert _pairs(sink)["mirror"] == {"revision": rev(2), "stable": rev(1), "candidate": rev(2), "percent": 25}
-        platform.set_mirror(NAME, 25)  # again: a patch, not a second object
+        status = platform.set_mirror(NAME, 25, max_in_flight=5)  # again: patches, not second objects
+        assert status.mirror["max_in_flight"] == 5 and mesh.shadow_limit_of(_stored_dr(cluster)) == (rev(2), 5)
+        assert _routing_calls(cluster)[-2:] == ["dr PATCH", "vs PATCH"]
+        with pytest.raises(ManifestError, match="max_in_flight"):
+            platform.set_mirror(NAME, 25, max_in_flight=0)  # Istio would read 0 as no bound at all
         platform.set_mirror(NAME, 0)
         vs = _stored_vs(cluster)
         assert mesh.mirror_of(vs) is None and [r["name"] for r in vs["spec"]["http"]] == ["split"]
+        assert _stored_dr(cluster) is None  # deleted once the mirror was off
+        assert _routing_calls(cluster)[-2:] == ["vs PATCH", "dr DELETE"]
         assert _pairs(sink)["mirror"] is None
         assert platform.set_mirror(NAME, 0).mirror == {}  # stopping twice is a no-op
-        # Every call on the routing objects is one the Role grants (kubernetes.AB_VERBS).
+        # Every call on the routing objects is one the Role grants (kubernetes.AB_VERBS and SHADOW_VERBS).
         verbs = {"GET": "get", "POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}
         made: dict[str, set[str]] = {}
         for r in cluster.requests():
             if "/virtualservices" in r["path"]:
                 made.setdefault(kubernetes.VS_RESOURCE, set()).add(verbs[r["method"]])
+            elif "/destinationrules" in r["path"]:
+                made.setdefault(kubernetes.DR_RESOURCE, set()).add(verbs[r["method"]])
             elif "/services" in r["path"]:
                 made.setdefault("services", set()).add(verbs[r["method"]])
+        granted = {**kubernetes.AB_VERBS, **kubernetes.SHADOW_VERBS}
         for resource, called in made.items():
-            assert called <= set(kubernetes.AB_VERBS[resource]), (resource, called)
+            assert called <= set(granted[resource]), (resource, called)
         assert made[kubernetes.VS_RESOURCE] == {"get", "create", "patch"}
+        assert made[kubernetes.DR_RESOURCE] == {"get", "create", "patch", "delete"}
+
+
+def test_the_stored_bound_validates_against_istios_crd(sink, dr_validator):  # noqa: F811 - test_cluster_ab's fixture
+    """What the API server holds after set_mirror (with the ownerReference) is still a valid DestinationRule."""
+    with FakeCluster() as cluster:
+        platform = _platform(cluster, sink)
+        platform.apply(manifest_for("1"))
+        platform.apply(manifest_for("2", canary=0))
+        platform.set_mirror(NAME, 10, max_in_flight=3)
+        dr = _stored_dr(cluster)
+        errors = [e.message for e in dr_validator.iter_errors(dr)]
+        assert not errors, errors
+        assert mesh.shadow_limit_of(dr) == (rev(2), 3)
 
 
 def test_rollback_stops_mirroring_first(sink):  # noqa: F811 - test_cluster_ab's fixture
@@ -299,12 +439,42 @@ def test_rollback_stops_mirroring_first(sink):  # noqa: F811 - test_cluster_ab's
         platform.apply(manifest_for("1"))
         platform.apply(manifest_for("2", canary=0))
         platform.set_mirror(NAME, 100)
+        assert _stored_dr(cluster) is not None
         platform.rollback(NAME)
         assert mesh.mirror_of(_stored_vs(cluster)) is None and _pairs(sink)["mirror"] is None
+        assert _stored_dr(cluster) is None
         # The candidate's deployment, the routes reset, then KServe's rollback (canaryTrafficPercent 0).
         patched = ["vs" if "/virtualservices/" in r["path"] else "isvc" for r in cluster.requests("PATCH")]
         assert patched == ["isvc", "vs", "isvc"], patched
         assert cluster.patches()[-1]["spec"] == {"predictor": {"canaryTrafficPercent": 0}}
+        # The mirror off, its bound deleted, and only then the traffic change.
+        assert _routing_calls(cluster)[-3:] == ["vs PATCH", "dr DELETE", "isvc PATCH"]
+
+
+def test_promotion_and_a_new_ab_test_stop_the_mirror_and_delete_its_bound(sink):  # noqa: F811 - test_cluster_ab's fixture
+    """Promotion stops mirroring (and deletes the bound) before the candidate takes the users; an A/B test started
+    while a dead rollout's mirror is still on stops it first instead of overwriting its routes."""
+    with FakeCluster() as cluster:
+        platform = _platform(cluster, sink)
+        platform.apply(manifest_for("1"))
+        platform.apply(manifest_for("2", canary=0))
+        platform.set_mirror(NAME, 50)
+        status = platform.promote(NAME)
+        assert status.latest_rolledout == rev(2)
+        assert mesh.mirror_of(_stored_vs(cluster)) is None and _stored_dr(cluster) is None
+        assert _pairs(sink)["mirror"] is None
+        calls = _routing_calls(cluster)
+        assert calls.index("dr DELETE") < len(calls) - 1 and calls[-1] == "isvc PATCH"  # the promotion last
+        assert calls[calls.index("dr DELETE") - 1] == "vs PATCH"
+    with FakeCluster() as cluster:
+        platform = _platform(cluster, sink)
+        platform.apply(manifest_for("1"))
+        platform.apply(manifest_for("2", canary=0))
+        platform.set_mirror(NAME, 50)
+        platform.start_ab_test(NAME, rev(1), rev(2), 30)
+        vs = _stored_vs(cluster)
+        assert mesh.mirror_of(vs) is None and [r["name"] for r in vs["spec"]["http"]] == ["arm-b", "arm-a", "split"]
+        assert _stored_dr(cluster) is None and _pairs(sink)["mirror"] is None
 
 
 def test_a_shadow_needs_both_revisions_cut_with_capture(sink):  # noqa: F811 - test_cluster_ab's fixture
@@ -409,8 +579,9 @@ def test_a_shadow_run_on_the_cluster_promotes_an_identical_candidate_and_rejects
         # Users were answered by the stable revision only, while about half their requests were copied.
         assert set(traffic.served) == {rev(1)} and traffic.mirrored > 0
         assert 0.35 < traffic.mirrored / len(traffic.served) < 0.65
-        # Mirroring ended with the run: the routes are Knative's split again, the sink pairs no more.
+        # Mirroring ended with the run: the routes are Knative's split again, the bound is gone, the sink pairs no more.
         assert mesh.mirror_of(_stored_vs(cluster)) is None and _pairs(sink)["mirror"] is None
+        assert _stored_dr(cluster) is None
         final = platform.status(NAME)
         if flip == 0:
             assert final.latest_rolledout == rev(2)

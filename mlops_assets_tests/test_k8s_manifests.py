@@ -612,6 +612,8 @@ def test_rbac_is_namespaced_and_least_privilege(rendered):
         # A/B routing at the mesh (test_cluster_ab compares these with the platform's calls).
         {"apiGroups": ["networking.istio.io"], "resources": ["virtualservices"], "verbs": ["get", "create", "patch"]},
         {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "create"]},
+        # The shadow's bound on copies in flight (test_cluster_shadow compares these with the platform's calls).
+        {"apiGroups": ["networking.istio.io"], "resources": ["destinationrules"], "verbs": ["get", "create", "patch", "delete"]},
     ]
     launcher = get(docs, "Role", "mlops", "dagster-run-launcher")
     granted = {(g, r) for rule in launcher["rules"] for g in rule["apiGroups"] for r in rule["resources"]}

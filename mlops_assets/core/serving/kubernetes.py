@@ -43,7 +43,7 @@ Why it is built this way
 * Shadow traffic on the same objects. `set_mirror` turns the A/B host's VirtualService into one that
   copies a share of requests, at Knative's local gateway, to the candidate revision's Service
   (`mesh.build_mirror_virtual_service`; mesh.py says why there), and `set_mirror(name, 0)` resets it to
-  Knative's split: "removing" is a patch, so the calls (and Role mlops-rollout) stay the A/B ones.
+  Knative's split: "removing" is a patch, so the calls on it (and Role mlops-rollout's) stay the A/B ones.
   Envoy discards the mirrored answers, so they are captured where KServe already sends them: its
   payload logger, on both revisions, to the payload sink. With `shadow_capture` the logger logs
   answers too (mode `all`) and each request's `X-Request-Id` (`metadataHeaders`), which Envoy keeps
@@ -51,9 +51,17 @@ Why it is built this way
   `shadow_pairs` reads the pairs in the local router's `/-/shadow` format (servers/payload_sink.py).
   Both revisions must have been cut with the capture on: `set_mirror` checks and says so, and
   `shadow_pairs` then raises NotImplementedError, which blue-green reads as "validate without
-  mirroring". Rollback and promotion stop mirroring first (traffic first: a rolled-back candidate gets
-  no copies). Envoy's mirror is fire-and-forget within the route's timeout and has no in-flight bound
-  of its own: `max_in_flight` is the local router's; the copies cost the gateway, never the caller.
+  mirroring". Rollback, promotion and a new A/B test stop mirroring first (traffic first: a
+  rolled-back candidate gets no copies).
+* The copies in flight are bounded as locally. Envoy's mirror is fire-and-forget and has no bound of its
+  own, so `set_mirror` first applies a DestinationRule `<isvc>-shadow` on the candidate's Service whose
+  subset `shadow`, the mirror's destination, allows `max_in_flight` requests in flight and one waiting per
+  gateway Envoy; Envoy's circuit breaker fails the excess copies at once
+  (`mesh.build_mirror_destination_rule`; mesh.py says why each field, and why a subset: users' traffic to
+  the candidate never passes through the limit). Stopping deletes it after the mirror is off. It is owned
+  by the InferenceService like the A/B objects; a rule left behind by a crash bounds only the subset no
+  route then uses, and the next shadow patches it. Its calls are `SHADOW_VERBS`, which Role
+  mlops-rollout grants.
 * Errors say what to do: 403 names the missing RBAC verb, a missing API group says KServe is not
   installed, a missing object is `UnknownServiceError`, an unreachable server names the host.
 
@@ -153,6 +161,13 @@ AB_VERBS = {VS_RESOURCE: ("get", "create", "patch"), "services": ("get", "create
 AB_ERRORS = _errors(
     "Role mlops-rollout in k8s/base/rbac/roles.yaml: "
     + "; ".join(f"{what}: {', '.join(verbs)}" for what, verbs in AB_VERBS.items())
+)
+DR_RESOURCE = "destinationrules.networking.istio.io"
+#: The calls `_ShadowLimit` makes; Role mlops-rollout grants exactly these (test_cluster_shadow checks both).
+SHADOW_VERBS = {DR_RESOURCE: ("get", "create", "patch", "delete")}
+SHADOW_ERRORS = _errors(
+    "Role mlops-rollout in k8s/base/rbac/roles.yaml: "
+    + "; ".join(f"{what}: {', '.join(verbs)}" for what, verbs in SHADOW_VERBS.items())
 )
 
 
@@ -305,6 +320,9 @@ class KubernetesPlatform(ServingPlatform):
             raise KubernetesPlatformError(
                 f"{name}: an A/B test needs the payload sink for its outcomes (KubernetesPlatform.payload_sink_url is empty)"
             )
+        # One rollout at a time holds the lock, so a mirror still on was left behind: stop it properly, or the A/B
+        # routes would replace it unannounced (the sink still pairing, the shadow's DestinationRule left over).
+        self._stop_mirror(name)
         with self._api() as api:
             routing = _AbRouting(api, name)
             routing.ensure(api.get(name), mesh.build_ab_virtual_service(name, self.namespace, percent))
@@ -341,12 +359,15 @@ class KubernetesPlatform(ServingPlatform):
     # ---- shadow traffic: mirrored at the mesh, pairs joined at the payload sink ---------------------------
     def set_mirror(self, name: str, percent: int, max_in_flight: int = SHADOW_MAX_IN_FLIGHT) -> ServiceStatus:
         """Mirror `percent`% of the requests to the A/B host to the candidate (the latest ready revision, not
-        rolled out) and have the payload sink pair their answers; 0 stops. `max_in_flight` is the local
-        router's bound: on a cluster Envoy's mirror is fire-and-forget within the route's timeout."""
+        rolled out) and have the payload sink pair their answers; 0 stops. At most `max_in_flight` copies are in
+        flight from each Envoy of Knative's local gateway (where the copies are made), plus one waiting for a
+        connection: the DestinationRule `<isvc>-shadow` sets Envoy's circuit breaker on the copies' own subset,
+        which fails the excess at once (the local router drops it: the same bound, per gateway replica)."""
         mesh.check_mirror_percent(percent)
         if percent == 0:
             self._stop_mirror(name)
             return self.status(name)
+        mesh.check_max_in_flight(max_in_flight)
         self._check_pairing()
         with self._api() as api:
             live = api.get(name)
@@ -358,8 +379,11 @@ class KubernetesPlatform(ServingPlatform):
             routing = _AbRouting(api, name)
             if routing.running():
                 raise RolloutStateError(f"{name}: an A/B test pins users on {routing.name}; a shadow cannot share its routes")
-            # The sink first, so that the first mirrored copy already has its stable answer to be paired with.
+            # The sink first, so that the first mirrored copy already has its stable answer to be paired with; the
+            # bound before the mirror that names its subset (a mirror to a subset not yet defined loses its copies).
             self._sink("PUT", f"/-/shadow/{name}", {"stable": stable, "candidate": candidate, "percent": percent})
+            bound = mesh.build_mirror_destination_rule(name, self.namespace, candidate, max_in_flight)
+            _ShadowLimit(api, name).ensure(live, bound)
             routing.ensure(live, mesh.build_mirror_virtual_service(name, self.namespace, candidate, percent))
         mirror = {"revision": candidate, "percent": percent, "max_in_flight": max_in_flight}
         return replace(status, mirror=mirror)
@@ -387,12 +411,14 @@ class KubernetesPlatform(ServingPlatform):
             )
 
     def _stop_mirror(self, name: str) -> bool:
-        """Reset the routes to Knative's split if they mirror, and end the sink's pairing. False if they did not."""
+        """Reset the routes to Knative's split if they mirror, then delete the bound on the copies and end the sink's
+        pairing. False if they did not mirror (then nothing is touched: a left-over bound limits no user)."""
         with self._api() as api:
             routing = _AbRouting(api, name)
             if mesh.mirror_of(routing.virtual_service()) is None:
                 return False
             routing.patch(mesh.build_ab_virtual_service(name, self.namespace, None))
+            _ShadowLimit(api, name).remove()  # after the mirror is off: no copy ever goes unbounded
         with contextlib.suppress(KubernetesPlatformError):  # the copies have stopped; the sink's record is moot
             self._sink("DELETE", f"/-/shadow/{name}")
         return True
@@ -602,14 +628,7 @@ class _AbRouting:
 
     def ensure(self, isvc: dict, virtual_service: dict) -> None:
         """Create the Service and VirtualService (owned by the InferenceService), or patch the routes."""
-        owner = {
-            "apiVersion": API_VERSION,
-            "kind": KIND,
-            "name": self.isvc,
-            "uid": isvc["metadata"].get("uid", ""),
-            "controller": False,
-            "blockOwnerDeletion": False,
-        }
+        owner = _owner(isvc, self.isvc)
         service = mesh.build_ab_service(self.isvc, self.api.namespace)
         if self._call("get", "services", "GET", f"{self.svc_path}/{self.name}", missing_ok=True) is None:
             service["metadata"]["ownerReferences"] = [owner]
@@ -625,6 +644,47 @@ class _AbRouting:
         body = {"metadata": {"annotations": virtual_service["metadata"]["annotations"]}, "spec": virtual_service["spec"]}
         path = f"{self.vs_path}/{self.name}"
         self._call("patch", VS_RESOURCE, "PATCH", path, body=body, content_type="application/merge-patch+json")
+
+
+class _ShadowLimit:
+    """The DestinationRule that bounds a shadow's copies in flight (core/serving/mesh.py), by REST path."""
+
+    def __init__(self, api: _Api, isvc: str) -> None:
+        self.api, self.isvc, self.name = api, isvc, mesh.shadow_limit_name(isvc)
+        self.kube = api.kube.with_errors(SHADOW_ERRORS)
+        self.path = f"/apis/{mesh.DR_API_VERSION}/namespaces/{api.namespace}/destinationrules"
+
+    def _call(self, verb: str, method: str, path: str, **kwargs: Any) -> dict | None:
+        what = f"DestinationRule {self.name!r} in {self.api.namespace}"
+        return self.kube.request(verb, ApiTarget(what, DR_RESOURCE, self.api.namespace), method, path, **kwargs)
+
+    def get(self) -> dict | None:
+        return self._call("get", "GET", f"{self.path}/{self.name}", missing_ok=True)
+
+    def ensure(self, isvc: dict, destination_rule: dict) -> None:
+        """Create the rule (owned by the InferenceService, so deleted with it), or point it at this candidate and bound."""
+        if self.get() is None:
+            destination_rule["metadata"]["ownerReferences"] = [_owner(isvc, self.isvc)]
+            self._call("create", "POST", self.path, body=destination_rule)
+            return
+        # A merge-patch replaces `subsets` whole, and `host` and the annotation with them.
+        body = {"metadata": {"annotations": destination_rule["metadata"]["annotations"]}, "spec": destination_rule["spec"]}
+        self._call("patch", "PATCH", f"{self.path}/{self.name}", body=body, content_type="application/merge-patch+json")
+
+    def remove(self) -> None:
+        self._call("delete", "DELETE", f"{self.path}/{self.name}", missing_ok=True)
+
+
+def _owner(isvc: dict, name: str) -> dict:
+    """An ownerReference to the InferenceService: Kubernetes's garbage collector deletes the object with it."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": name,
+        "uid": isvc["metadata"].get("uid", ""),
+        "controller": False,
+        "blockOwnerDeletion": False,
+    }
 
 
 class _Api:

@@ -60,6 +60,40 @@ Shadow traffic (`build_mirror_virtual_service`) uses the same host and object
   split.AppendHeaders`), so the candidate's name never reaches the stable path.
 * With a candidate at 0% Knative's split sends every user to the stable revision: users only ever get
   its answers. Ending a shadow is `build_ab_virtual_service(..., percent=None)` again.
+
+The bound on copies in flight (`build_mirror_destination_rule`)
+----------------------------------------------------------------
+* Locally the router drops a copy when `max_in_flight` are waiting on the candidate. Envoy's mirror has
+  no bound of its own; its circuit breakers are the mesh's equivalent: a DestinationRule's
+  `connectionPool` (istio/api networking/v1alpha3/destination_rule.proto `ConnectionPoolSettings`; the
+  fields as Istio 1.27.1 serves them: istio/istio manifests/charts/base/files/crd-all.gen.yaml at tag
+  1.27.1). `http.http2MaxRequests` is "maximum number of active requests to a destination ... applicable
+  to both HTTP/1.1 and HTTP2" (Envoy's `max_requests`); `http.http1MaxPendingRequests` the requests
+  "queued while waiting for a ready connection pool connection" (`max_pending_requests`), set to 1, the
+  least Istio passes on: it reads 0 as unset, i.e. 2^32-1 (istio/istio pilot/pkg/networking/core/
+  cluster_traffic_policy.go `applyConnectionPool` and `getDefaultCircuitBreakerThresholds`). And
+  `tcp.maxConnections` = max_in_flight, because older Envoys governed HTTP/1.1 clusters (a REST predictor's
+  revision Service speaks HTTP/1.1) by connections, not requests (Envoy 1.6's circuit_breaking.rst; the
+  comment in `applyConnectionPool` still says so). A copy over the bound is not queued: Envoy fails it
+  at once (503, flag UO, counter `upstream_rq_pending_overflow` of the cluster; envoyproxy/envoy
+  docs/root/intro/arch_overview/upstream/circuit_breaking.rst), and a mirror's failure never reaches
+  the user.
+* A subset, so that only copies are bounded. The limits sit on a subset `shadow` without labels (every
+  endpoint of the revision's Service: its pods, or Knative's activator while that is in the path) and the
+  mirror names that subset, so Envoy builds a cluster of its own for the copies (`outbound|80|shadow|
+  <host>`, istio/istio pilot/pkg/networking/core/cluster_builder.go `buildSubsetCluster`; an empty label
+  set selects every endpoint, pkg/config/labels/instance.go `SubsetOf`). User traffic that reaches the
+  candidate's Service (an A/B arm, a canary step, the promotion) goes through the host's default cluster,
+  which the rule leaves alone: a rule left behind by a crash can never throttle users.
+* mTLS stays on. The rule sets no `tls`, at the top or in the subset (a subset's `tls` would replace the
+  top's, istio/istio pilot/pkg/networking/util/util.go `mergeTrafficPolicy`). With no `tls`, Istio's auto
+  mTLS sends ISTIO_MUTUAL to every endpoint with a sidecar (pilot/pkg/networking/core/cluster_tls.go
+  `buildUpstreamTLSSettings`), which mlops-serving's STRICT PeerAuthentication requires, and plaintext
+  only to an endpoint without one; an explicit ISTIO_MUTUAL would break copies to such an endpoint.
+* The bound is per Envoy: each replica of Knative's local gateway admits `max_in_flight` copies (plus one
+  waiting for a connection), so the candidate sees at most that times the gateway's replicas.
+* Order: the rule before the mirror that names its subset (a mirror to an unknown subset has no cluster:
+  its copies fail), and the mirror off before the rule goes.
 """
 
 from __future__ import annotations
@@ -204,6 +238,11 @@ REVISION_NAMESPACE_HEADER = "Knative-Serving-Namespace"
 #: The route at the gateway that sends users on to Knative's split and mirrors their requests.
 SHADOW_ROUTE = "shadow"
 MIRROR_ANNOTATION = "mlops-assets.dev/mirror"
+#: The mirror's destination: a subset of the candidate's Service carrying the in-flight bound.
+MIRROR_SUBSET = "shadow"
+DR_API_VERSION = "networking.istio.io/v1"
+#: Copies that may wait for a connection beyond those in flight: 1, the least Istio does not read as "no limit".
+MIRROR_MAX_PENDING = 1
 
 
 def check_mirror_percent(percent: int) -> int:
@@ -236,7 +275,8 @@ def build_mirror_virtual_service(isvc: str, namespace: str, revision: str, perce
         "name": SHADOW_ROUTE,
         "match": [{"gateways": [LOCAL_GATEWAY]}],
         "route": [{"destination": gateway, "weight": 100}],
-        "mirror": {"host": mirror_host, "port": {"number": 80}},
+        # The subset of build_mirror_destination_rule: the copies' own cluster, bounded in flight.
+        "mirror": {"host": mirror_host, "subset": MIRROR_SUBSET, "port": {"number": 80}},
         "mirrorPercentage": {"value": float(percent)},
         "headers": {
             "request": {
@@ -253,6 +293,57 @@ def build_mirror_virtual_service(isvc: str, namespace: str, revision: str, perce
     vs["metadata"]["annotations"][MIRROR_ANNOTATION] = f"{revision}:{percent}"
     vs["spec"]["http"] = [to_gateway, shadow]
     return vs
+
+
+def shadow_limit_name(isvc: str) -> str:
+    """The DestinationRule that bounds the copies in flight to the candidate of `isvc` (`<isvc>-shadow`)."""
+    return validate_dns1035(f"{validate_dns1035(isvc, 'InferenceService name')}-shadow", "shadow limit name")
+
+
+def check_max_in_flight(max_in_flight: int) -> int:
+    """Copies in flight: a whole number 1 to 2^31-1 (Istio's int32 fields; Istio reads 0 as no limit at all)."""
+    if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or not 1 <= max_in_flight <= 2**31 - 1:
+        raise ManifestError(f"max_in_flight must be an integer 1 to 2^31-1 (copies in flight), got {max_in_flight!r}")
+    return max_in_flight
+
+
+def build_mirror_destination_rule(isvc: str, namespace: str, revision: str, max_in_flight: int) -> dict:
+    """The DestinationRule on `revision`'s Service whose subset `shadow` (the mirror's destination) has at
+    most `max_in_flight` requests in flight per Envoy and queues one more at most: Envoy's circuit breaker
+    fails the excess copies at once. The module docstring says why each field, and why a subset."""
+    validate_dns1035(namespace, "namespace")
+    check_max_in_flight(max_in_flight)
+    pool = {
+        "tcp": {"maxConnections": max_in_flight},
+        "http": {"http2MaxRequests": max_in_flight, "http1MaxPendingRequests": MIRROR_MAX_PENDING},
+    }
+    labels = {**LABELS, "app.kubernetes.io/component": "shadow", "serving.kserve.io/inferenceservice": isvc}
+    return {
+        "apiVersion": DR_API_VERSION,
+        "kind": "DestinationRule",
+        "metadata": {
+            "name": shadow_limit_name(isvc),
+            "namespace": namespace,
+            "labels": labels,
+            "annotations": {MIRROR_ANNOTATION: f"{revision}:max-in-flight={max_in_flight}"},
+        },
+        "spec": {
+            "host": revision_host(revision, namespace),
+            # No `tls` anywhere: auto mTLS (ISTIO_MUTUAL to sidecars) stays in force.
+            "subsets": [{"name": MIRROR_SUBSET, "trafficPolicy": {"connectionPool": pool}}],
+        },
+    }
+
+
+def shadow_limit_of(destination_rule: dict | None) -> tuple[str, int] | None:
+    """(revision, max_in_flight) a DestinationRule built here bounds the copies to, or None."""
+    spec = (destination_rule or {}).get("spec") or {}
+    for subset in spec.get("subsets") or []:
+        if subset.get("name") == MIRROR_SUBSET and spec.get("host"):
+            http = (((subset.get("trafficPolicy") or {}).get("connectionPool") or {}).get("http")) or {}
+            if "http2MaxRequests" in http:
+                return spec["host"].split(".", 1)[0], int(http["http2MaxRequests"])
+    return None
 
 
 def mirror_of(virtual_service: dict | None) -> tuple[str, int] | None:
