@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,44 @@ def test_mlflow_client_env_defaults_never_override_the_environment():
     apply_mlflow_client_env(environ=environ)
     assert environ == {**MLFLOW_CLIENT_ENV, "MLFLOW_HTTP_REQUEST_TIMEOUT": "3"}
     assert mlflow_http_timeout_s(environ) == "3" and mlflow_http_timeout_s({}) == "120"
+
+
+@pytest.mark.parametrize("raw, expected", [(None, False), ("true", True), ("false", False), ("TRUE", True), (" False ", False)])
+def test_shadow_capture_is_a_true_or_false_flag(raw, expected):
+    assert load_settings({} if raw is None else {"MLOPS_SHADOW_CAPTURE": raw}).shadow_capture is expected
+
+
+@pytest.mark.parametrize("raw", ["yes", "1", "on", "", "truee"])
+def test_a_shadow_capture_that_is_not_true_or_false_names_the_variable(raw):
+    with pytest.raises(SettingsError, match=r"MLOPS_SHADOW_CAPTURE=.*expected true or false"):
+        load_settings({"MLOPS_SHADOW_CAPTURE": raw})
+
+
+def test_the_kubernetes_platform_gets_shadow_capture_from_the_settings(tmp_path):
+    """defs/resources.py passes MLOPS_SHADOW_CAPTURE to KubernetesPlatform (its payload logger then logs answers
+    and X-Request-Id, which a shadow's pairs need); off unless set."""
+    from mlops_assets.core.serving.kubernetes import KubernetesPlatform
+    from mlops_assets.defs.resources import build_resources
+
+    env = {"MLOPS_ENV": "kubernetes", "MLOPS_HOME": str(tmp_path), "MLOPS_PROMETHEUS_URL": "http://prometheus:9090"}
+    for raw, expected in ((None, False), ("true", True), ("false", False)):
+        environ = env if raw is None else {**env, "MLOPS_SHADOW_CAPTURE": raw}
+        serving = build_resources(load_settings(environ))["serving"]
+        assert isinstance(serving, KubernetesPlatform) and serving.shadow_capture is expected, raw
+        logger = serving._for_cluster(_manifest())["spec"]["predictor"]["logger"]
+        assert (logger["mode"] == "all") is expected and ("metadataHeaders" in logger) is expected
+
+
+def _manifest() -> dict:
+    from mlops_assets.core.serving.manifest import Deployment, build_inference_service
+
+    return build_inference_service(Deployment(model_name="m", version="1", storage_uri="s3://b/m"))
+
+
+def test_the_readme_configuration_table_lists_exactly_the_variables():
+    """README.md's configuration table mirrors VARIABLES: every MLOPS_* variable read here has a row, and no
+    row names one that is not read."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    rows = set(re.findall(r"^\| `(MLOPS_\w+)` \|", section, flags=re.MULTILINE))
+    assert rows == {name for name in VARIABLES if name.startswith("MLOPS_")}, rows ^ set(VARIABLES)

@@ -76,6 +76,7 @@ VARIABLES: dict[str, str] = {
     "MLOPS_K8S_MANIFESTS": "k8s/overlays/prod (kubernetes: the kustomization the platform assets apply)",
     "MLOPS_RECENT_WINDOW_S": "3600",
     "MLOPS_ALERT_FOR_MAX_S": "(none: the rules' own `for:`)",
+    "MLOPS_SHADOW_CAPTURE": "false",
     **{name: _shown(default) for name, (_field, _parse, default) in ROLLOUT_VARIABLES.items()},
 }
 
@@ -112,6 +113,10 @@ class Settings:
     metrics_source: str = "router"  # one of METRICS_SOURCES
     k8s_manifests: str = ""  # kubernetes: the kustomization directory the platform assets apply ("" = k8s/overlays/prod)
     alert_for_max_s: float | None = None  # local: cap on the alert rules' `for:` (the demo's compressed time)
+    # kubernetes: KServe's payload logger logs answers and X-Request-Id too, so shadow runs can pair them
+    # (KubernetesPlatform.shadow_capture). Turning it on changes the predictor spec: each model's next deploy
+    # cuts a new revision, and a shadow needs both its revisions cut with it.
+    shadow_capture: bool = False
 
     @property
     def mlflow_artifact_root(self) -> Path:
@@ -140,6 +145,15 @@ def _port(environ: Mapping[str, str], name: str) -> int:
 
 def _positive(environ: Mapping[str, str], name: str) -> float:
     return _number(environ, name, float, "a number", lambda v: v > 0, "must be positive")
+
+
+def _flag(environ: Mapping[str, str], name: str) -> bool:
+    """`true` or `false` (any case, default from VARIABLES), or a SettingsError naming the variable."""
+    raw = environ.get(name, VARIABLES[name])
+    value = raw.strip().lower()
+    if value not in ("true", "false"):
+        raise SettingsError(f"{name}={raw!r}: expected true or false")
+    return value == "true"
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -175,6 +189,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         metrics_source=metrics_source,
         k8s_manifests=environ.get("MLOPS_K8S_MANIFESTS", ""),
         alert_for_max_s=_positive(environ, "MLOPS_ALERT_FOR_MAX_S") if environ.get("MLOPS_ALERT_FOR_MAX_S") else None,
+        shadow_capture=_flag(environ, "MLOPS_SHADOW_CAPTURE"),
     )
 
 

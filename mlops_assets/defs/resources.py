@@ -46,6 +46,7 @@ def build_resources(settings: Settings) -> dict:
                 artifacts_destination=ARTIFACTS_DESTINATION,
                 payload_store=store_for(settings.mlflow_tracking_uri) if settings.mlflow_tracking_uri.startswith("http") else "",
                 recent_window_s=settings.recent_window_s,
+                shadow_capture=settings.shadow_capture,
             ),
             "metrics": metrics,
             "prometheus_alerts": PrometheusAlerts(url=settings.prometheus_url),
