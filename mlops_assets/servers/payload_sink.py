@@ -62,6 +62,7 @@ import re
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -369,19 +370,35 @@ class PayloadSink:
         except ManifestError as exc:
             raise _json_error(400, str(exc)) from None
 
-    async def start_ab(self, request: web.Request) -> web.Response:
-        """`PUT /-/ab/<isvc>` `{"a": revision, "b": revision, "split_percent": P}`: who is in which arm."""
+    async def _control(
+        self, request: web.Request, form: str, revisions: dict[str, str], both: str, percent: tuple[str, Callable[[int], object]]
+    ) -> tuple[str, dict]:
+        """The InferenceService and body of a control `PUT` (an A/B test, a shadow): the body is `form`, two different
+        `revisions` (key -> what an error calls it; `both` names the pair) and a percent (key, its check raising
+        ValueError or ManifestError). Raises a 400 (413) saying what is wrong, the name first."""
         isvc, body = self._isvc(request), await self._ab_json(request)
         try:
-            if not isinstance(body, dict) or set(body) != {"a", "b", "split_percent"}:
-                raise ValueError('an A/B test is {"a": revision, "b": revision, "split_percent": 1-99}')
-            for arm in ("a", "b"):
-                validate_dns1035(body[arm], f"revision of arm {arm}")
-            if body["a"] == body["b"]:
-                raise ValueError(f"arms a and b are the same revision {body['a']!r}")
-            check_split(body["split_percent"])
+            if not isinstance(body, dict) or set(body) != {*revisions, percent[0]}:
+                raise ValueError(form)
+            for key, called in revisions.items():
+                validate_dns1035(body[key], called)
+            first, second = (body[key] for key in revisions)
+            if first == second:
+                raise ValueError(f"{both} are the same revision {first!r}")
+            percent[1](body[percent[0]])
         except (ValueError, ManifestError) as exc:
-            return web.json_response({"error": str(exc)}, status=400)
+            raise _json_error(400, str(exc)) from None
+        return isvc, body
+
+    async def start_ab(self, request: web.Request) -> web.Response:
+        """`PUT /-/ab/<isvc>` `{"a": revision, "b": revision, "split_percent": P}`: who is in which arm."""
+        isvc, body = await self._control(
+            request,
+            'an A/B test is {"a": revision, "b": revision, "split_percent": 1-99}',
+            {"a": "revision of arm a", "b": "revision of arm b"},
+            "arms a and b",
+            ("split_percent", check_split),
+        )
         self.ab_tests[isvc] = dict(body)
         return web.json_response({"isvc": isvc, **body})
 
@@ -422,18 +439,13 @@ class PayloadSink:
     # ---- shadows: the stable and candidate answers of one request, paired ---------------------------------
     async def start_shadow(self, request: web.Request) -> web.Response:
         """`PUT /-/shadow/<isvc>` `{"stable": revision, "candidate": revision, "percent": 1-100}`."""
-        isvc, body = self._isvc(request), await self._ab_json(request)
-        try:
-            if not isinstance(body, dict) or set(body) != {"stable", "candidate", "percent"}:
-                raise ValueError('a shadow is {"stable": revision, "candidate": revision, "percent": 1-100}')
-            for side in ("stable", "candidate"):
-                validate_dns1035(body[side], f"{side} revision")
-            if body["stable"] == body["candidate"]:
-                raise ValueError(f"stable and candidate are the same revision {body['stable']!r}")
-            if check_mirror_percent(body["percent"]) == 0:
-                raise ValueError("a shadow mirrors 1-100 percent of requests")
-        except (ValueError, ManifestError) as exc:
-            return web.json_response({"error": str(exc)}, status=400)
+        isvc, body = await self._control(
+            request,
+            'a shadow is {"stable": revision, "candidate": revision, "percent": 1-100}',
+            {"stable": "stable revision", "candidate": "candidate revision"},
+            "stable and candidate",
+            ("percent", _shadow_percent),
+        )
         shadow = self.shadows.setdefault(isvc, ShadowPairs(self.shadow_timeout_s))
         shadow.start(body["stable"], body["candidate"], body["percent"])
         return web.json_response({"isvc": isvc, **body})
@@ -489,6 +501,11 @@ class PayloadSink:
         app.on_startup.append(self.on_startup)
         app.on_cleanup.append(self.on_cleanup)
         return app
+
+
+def _shadow_percent(percent: int) -> None:
+    if check_mirror_percent(percent) == 0:
+        raise ValueError("a shadow mirrors 1-100 percent of requests")
 
 
 def _json_error(status: int, message: str) -> web.HTTPException:
