@@ -57,6 +57,7 @@ def test_validation_judges_health_only_with_the_rollouts_slos():
         "errors_vs_stable",
         "latency_slo",
         "slow_vs_stable",
+        "latency_vs_stable",
         "error_slo_met",
         "latency_slo_met",
     }

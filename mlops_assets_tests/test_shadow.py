@@ -10,6 +10,7 @@ import json
 import math
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -30,15 +31,34 @@ from mlops_assets.servers.router import RoutingError, validate_routes
 # ---- the statistics ------------------------------------------------------------------------------------------
 
 
-def _pairs(rng, n: int, flip: float = 0.0, noise: float = 0.0, start: int = 0, error: float = 0.0) -> list[MirroredPair]:
+def _pairs(
+    rng, n: int, flip: float = 0.0, noise: float = 0.0, start: int = 0, error: float = 0.0, latency=None
+) -> list[MirroredPair]:
+    """`latency(rng, n)`: (stable, candidate) latencies; by default both exponential with a 10 ms mean, independently."""
     s = rng.uniform(size=n)
     c = np.where(rng.uniform(size=n) < flip, 1.0 - s, s) + rng.normal(0.0, noise, size=n) * (noise > 0)
     failed = rng.uniform(size=n) < error
-    latency = rng.exponential(0.01, size=(2, n))
+    stable_s, candidate_s = latency(rng, n) if latency is not None else rng.exponential(0.01, size=(2, n))
     return [
-        MirroredPair(start + i, 200, 500 if failed[i] else 200, latency[0, i], latency[1, i], [s[i]], [c[i]], [{"x": i}])
+        MirroredPair(start + i, 200, 500 if failed[i] else 200, stable_s[i], candidate_s[i], [s[i]], [c[i]], [{"x": i}])
         for i in range(n)
     ]
+
+
+def _model_latency(rng, n: int) -> np.ndarray:
+    """A fast model's latency: about 10 ms with a log-normal spread (sigma 0.3)."""
+    return 0.01 * rng.lognormal(0.0, 0.3, size=n)
+
+
+def _slower(added_s: float = 0.0, factor: float = 1.0):
+    """Stable and candidate drawn independently from `_model_latency`, the candidate's scaled and delayed."""
+    return lambda rng, n: (_model_latency(rng, n), factor * _model_latency(rng, n) + added_s)
+
+
+def _at_latency_tolerance(rng, n: int):
+    """The candidate exactly at the default tolerance: c = 1.2 s + 2 ms + symmetric noise, so P(c > 1.2 s + 2 ms) = 1/2."""
+    s = _model_latency(rng, n)
+    return s, 1.2 * s + 0.002 + rng.normal(0.0, 0.002, size=n)
 
 
 def _run(tol: ShadowTolerances, seed: int, windows: int, per_window: int, **kw) -> tuple[Decision, int]:
@@ -141,14 +161,50 @@ def test_identical_candidate_passes_and_flipping_one_is_rejected():
         (ShadowTolerances(threshold=0.5, max_flip_rate=0.05, alpha=0.05), {"flip": 0.05}),  # exactly at the tolerance
         (ShadowTolerances(max_mean_abs_diff=0.05, alpha=0.05), {"flip": 0.1}),  # mean |diff| = 0.1 * E|1 - 2s| = 0.05
         (ShadowTolerances(threshold=0.5, alpha=0.05), {}),  # identical: latency and errors are noise only
+        (ShadowTolerances(threshold=0.5, alpha=0.05), {"latency": _at_latency_tolerance}),
     ],
-    ids=["flip_at_tolerance", "mean_diff_at_tolerance", "identical"],
+    ids=["flip_at_tolerance", "mean_diff_at_tolerance", "identical", "latency_at_tolerance"],
 )
 def test_false_reject_rate_at_the_tolerance_is_at_most_alpha(tol, kw):
     """By simulation: 200 candidates exactly at the boundary, each watched over 40 windows of 25 requests."""
     rejected = sum(_run(tol, 100 + i, 40, 25, **kw)[0] == Decision.ROLLBACK for i in range(200))
     # alpha = 0.05: 200 runs, the binomial's upper 1% point at 0.05 is 19
     assert rejected <= stats.binom.ppf(0.99, 200, tol.alpha)
+
+
+def test_latency_vs_stable_e_value_is_the_sign_test_mixture():
+    """The relative-latency test against its oracle: the binomial likelihood-ratio mixture at p0 = 1/2 (scipy) on the
+    pairs where both latencies are known, counting those where the candidate exceeded 1.2 x stable's + 2 ms."""
+    analysis = ShadowAnalysis(ShadowTolerances(threshold=0.5), started_at=0.0)
+    rng = np.random.default_rng(3)
+    pairs = _pairs(rng, 120, latency=_slower(factor=1.4))
+    pairs[0] = replace(pairs[0], stable_latency_s=0.0)  # no latency recorded (a cluster's sink may not say): not counted
+    pairs[1] = replace(pairs[1], candidate_status=503)  # an error: judged by the error tests, not here
+    analysis.observe(pairs, 1.0)
+    timed = pairs[2:]
+    k = sum(p.candidate_latency_s > 1.2 * p.stable_latency_s + 0.002 for p in timed)
+    assert (analysis.candidate_slower, analysis.latency_pairs) == (k, len(timed))
+    test = analysis._reject["latency_vs_stable"]
+    oracle = np.mean([stats.binom.pmf(k, len(timed), p1) / stats.binom.pmf(k, len(timed), 0.5) for p1 in test.alternatives])
+    assert math.exp(test.log_e) == pytest.approx(oracle, rel=1e-9)
+
+
+def test_a_candidate_much_slower_than_stable_but_inside_the_slo_is_rejected():
+    """Issue 12's case: 150 ms added to a model answering in ~10 ms, p95 far under the 0.5 s SLO. The absolute latency
+    tests cannot see it; the paired one rejects it within a few windows. Half as slow again as the tolerance (1.8x)
+    is rejected too; a candidate as fast as stable passes."""
+    tol = ShadowTolerances(threshold=0.5)
+    for latency, most in ((_slower(added_s=0.150), 40), (_slower(factor=1.8), 200)):
+        rng = np.random.default_rng(21)
+        analysis = ShadowAnalysis(tol, started_at=0.0)
+        for w in range(50):
+            verdict = analysis.observe(_pairs(rng, 20, start=20 * w, latency=latency), float(w))
+            if verdict.decision != Decision.CONTINUE:
+                break
+        assert verdict.decision == Decision.ROLLBACK and verdict.evidence["fired"] == ["latency_vs_stable"]
+        assert analysis.pairs <= most, analysis.pairs
+        assert verdict.evidence["estimates"]["candidate_slow_share"] == 0.0  # nothing above the SLO
+    assert _run(tol, 22, 100, 20, latency=_slower())[0] == Decision.PROMOTE
 
 
 def test_no_data_holds_then_rejects_never_passes():

@@ -15,8 +15,10 @@ to green while blue keeps answering every user, and green's health is judged on 
 (`shadow.py`) in its health-only mode (`compare_predictions=False`: green is a new model, its predictions are meant
 to differ). Anytime-valid, looked at after every window:
 * REJECT when green's error rate or slow share (latency above the p95 SLO) is credibly above the SLO, or credibly above
-  blue's on the same requests (sign tests on the pairs where exactly one of them failed or was slow), each test at its
-  share of alpha, so a green within its SLOs and no worse than blue is rejected with probability at most alpha;
+  blue's on the same requests (sign tests on the pairs where exactly one of them failed or was slow), or when green's
+  latency is credibly beyond the declared tolerance of blue's on the same requests (`latency_ratio_tolerance` x blue's
+  + `latency_margin_s`, a sign test on the pairs), each test at its share of alpha, so a green within its SLOs and
+  no worse than blue is rejected with probability at most alpha;
 * PASS when both SLOs are credibly met at promote_alpha (an intersection-union test) after `min_requests` mirrored
   requests, so a green outside an SLO is switched to with probability at most promote_alpha;
 * no mirrored requests: HOLD, then REJECT after no_data_deadline_s. Never a pass.
@@ -69,6 +71,8 @@ def validation_tolerances(thresholds: Thresholds, min_requests: int | None = Non
         compare_predictions=False,
         max_error_rate=t.max_error_rate,
         max_p95_latency_s=t.max_p95_latency_s,
+        latency_ratio_tolerance=t.latency_ratio_tolerance,
+        latency_margin_s=t.latency_margin_s,
         alpha=t.alpha * (1.0 - SMOKE_ALPHA_SHARE),
         promote_alpha=t.promote_alpha,
         min_requests=t.min_requests_per_step if min_requests is None else min_requests,

@@ -14,7 +14,10 @@ What is compared, per mirrored request (and per row of a multi-row request):
   regression), and the Kolmogorov-Smirnov distance between the two prediction distributions.
 * In both modes, the candidate's own health on those requests: its error rate (5xx, no answer, or an
   answer that is not one prediction per row where stable answered 200) and its slow share (latency
-  above the p95 SLO), each against the absolute SLO and paired against the stable revision.
+  above the p95 SLO), each against the absolute SLO and paired against the stable revision; and its
+  latency relative to stable's on the same request (the declared `latency_ratio_tolerance` and
+  `latency_margin_s`, as the canary's): a candidate well inside the SLO but many times slower than
+  stable is caught here, before any user waits for it.
 
 Decisions are anytime-valid, like the canary's (`analysis.py`): the analysis may look after every window,
 forever, and the error probabilities below hold at whatever time it stops.
@@ -34,7 +37,15 @@ forever, and the error probabilities below hold at whatever time it stops.
   - errors and slow requests vs stable: on the pairs where exactly one revision failed (or was slow),
     under H0 "the candidate fails no more often than stable on the same inputs" the failing one is
     the candidate with probability at most 1/2 (a sequential McNemar / sign test), tested with the same
-    Bernoulli mixture; the absolute SLO tests are the canary's.
+    Bernoulli mixture; the absolute SLO tests are the canary's;
+  - latency vs stable: on the pairs both answered (with both latencies known), the share where the
+    candidate took longer than `latency_ratio_tolerance` x stable's + `latency_margin_s`. H0: that share
+    is at most 1/2, i.e. on the median request the candidate is within the tolerance of stable (a sign
+    test on c - (r s + m), the same Bernoulli mixture). A candidate adding 150 ms to a 10 ms model is
+    slower beyond any such tolerance on nearly every pair and is rejected after a handful; one as fast as
+    stable is rarely beyond it. Locally the copy is sent once stable has answered, and copies beyond
+    the in-flight bound are dropped, so a candidate queues less than stable under load: the comparison
+    errs towards the candidate, never against it.
 * PASS (`Decision.PROMOTE`) when every "within tolerance" test is credibly passed at promote_alpha
   (an intersection-union test, Berger 1982: no splitting needed) and at least `min_requests` pairs were
   compared: flip rate below max_flip_rate, or mean absolute difference and KS distance below theirs
@@ -63,10 +74,11 @@ from mlops_assets.core.rollout.analysis import P95_SLOW_SHARE, BernoulliSLOTest,
 #: difference and KS in score mode) is what shadow traffic is for; the health tests share the rest.
 REJECT_ALPHA_SHARES: dict[str, float] = {
     "predictions": 0.4,
-    "error_slo": 0.15,
-    "errors_vs_stable": 0.15,
-    "latency_slo": 0.15,
-    "slow_vs_stable": 0.15,
+    "error_slo": 0.12,
+    "errors_vs_stable": 0.12,
+    "latency_slo": 0.12,
+    "slow_vs_stable": 0.12,
+    "latency_vs_stable": 0.12,
 }
 #: Bets of the bounded-mean e-processes, as fractions of the largest bet that keeps every factor >= 0.
 BET_FRACTIONS = (0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9)
@@ -93,6 +105,10 @@ class ShadowTolerances:
     max_ks_distance: float = 0.2  # KS distance allowed between the two prediction distributions
     max_error_rate: float = 0.01
     max_p95_latency_s: float = 0.5
+    # Relative latency: the candidate may take at most this multiple of stable's latency on the same request,
+    # plus the margin (the canary's `latency_ratio_tolerance` / `latency_margin_s`).
+    latency_ratio_tolerance: float = 1.2
+    latency_margin_s: float = 0.002
     alpha: float = 0.01  # P(reject a candidate within every tolerance) <= alpha
     promote_alpha: float = 0.05  # P(pass a candidate outside a tolerance) <= promote_alpha
     min_requests: int = 200  # compared requests needed before a pass
@@ -110,6 +126,11 @@ class ShadowTolerances:
         for name in ("max_mean_abs_diff", "diff_cap", "max_p95_latency_s", "no_data_deadline_s"):
             if not _is_positive(getattr(self, name)):
                 raise ValueError(f"{name} must be a positive finite number, got {getattr(self, name)!r}")
+        r, m = self.latency_ratio_tolerance, self.latency_margin_s
+        if isinstance(r, bool) or not isinstance(r, int | float) or not (math.isfinite(r) and r >= 1.0):
+            raise ValueError(f"latency_ratio_tolerance must be a finite number >= 1, got {r!r}")
+        if isinstance(m, bool) or not isinstance(m, int | float) or not (math.isfinite(m) and m >= 0.0):
+            raise ValueError(f"latency_margin_s must be a finite number of seconds >= 0, got {m!r}")
         if self.max_mean_abs_diff >= self.diff_cap:
             raise ValueError(f"max_mean_abs_diff ({self.max_mean_abs_diff}) must be below diff_cap ({self.diff_cap})")
         for name in ("alpha", "promote_alpha"):
@@ -286,6 +307,7 @@ class ShadowAnalysis:
         self.windows = self.missing_windows = 0
         self.pairs = self.compared = self.rows = 0
         self.candidate_errors = self.stable_errors = self.candidate_slow = self.candidate_answered = 0
+        self.latency_pairs = self.candidate_slower = 0  # pairs with both latencies; candidate beyond the tolerance
         self.flips = 0
         self.abs_diff_total = 0.0
         self._stable_values: list[np.ndarray] = []
@@ -301,6 +323,7 @@ class ShadowAnalysis:
             "errors_vs_stable": BernoulliSLOTest(0.5, "above"),
             "latency_slo": BernoulliSLOTest(P95_SLOW_SHARE, "above"),
             "slow_vs_stable": BernoulliSLOTest(0.5, "above"),
+            "latency_vs_stable": BernoulliSLOTest(0.5, "above"),
         }
         self._reject_alpha = {name: shares[name] * t.alpha for name in self._reject}
         self._pass: dict[str, Any] = {
@@ -328,7 +351,7 @@ class ShadowAnalysis:
     def _ingest(self, pairs: list[MirroredPair]) -> None:
         t = self.tolerances
         errors_c = errors_s = disc_err_c = disc_err = slow_c = answered = disc_slow_c = disc_slow = 0
-        flips = rows = 0
+        timed = slower = flips = rows = 0
         diffs: list[np.ndarray] = []
         for pair in pairs:
             self.pairs += 1
@@ -346,6 +369,10 @@ class ShadowAnalysis:
                 if c_slow != s_slow and not s_err:
                     disc_slow += 1
                     disc_slow_c += c_slow
+                if not s_err and pair.stable_latency_s > 0 and pair.candidate_latency_s > 0:
+                    timed += 1
+                    limit = t.latency_ratio_tolerance * pair.stable_latency_s + t.latency_margin_s
+                    slower += bool(pair.candidate_latency_s > limit)
             if not pair.compared or c_err:
                 continue
             self.compared += 1
@@ -368,6 +395,8 @@ class ShadowAnalysis:
         self.stable_errors += errors_s
         self.candidate_slow += slow_c
         self.candidate_answered += answered
+        self.latency_pairs += timed
+        self.candidate_slower += slower
         self.flips += flips
         self.rows += rows
         self._reject["error_slo"].update(errors_c, len(pairs))
@@ -376,6 +405,7 @@ class ShadowAnalysis:
         self._reject["latency_slo"].update(slow_c, answered)
         self._pass["latency_slo_met"].update(slow_c, answered)
         self._reject["slow_vs_stable"].update(disc_slow_c, disc_slow)
+        self._reject["latency_vs_stable"].update(slower, timed)
         if t.classifier:
             self._reject["flip_rate"].update(flips, rows)
             self._pass["flip_rate_met"].update(flips, rows)
@@ -471,6 +501,8 @@ class ShadowAnalysis:
             "candidate_error_rate": rate(self.candidate_errors, self.pairs),
             "stable_error_rate": rate(self.stable_errors, self.pairs),
             "candidate_slow_share": rate(self.candidate_slow, self.candidate_answered),
+            # the share of pairs where the candidate took longer than the tolerance allows of stable's latency
+            "candidate_slower_share": rate(self.candidate_slower, self.latency_pairs),
         }
         if self.tolerances.classifier:
             est["flip_rate"] = rate(self.flips, self.rows)
@@ -521,6 +553,8 @@ class ShadowAnalysis:
             "candidate_errors": self.candidate_errors,
             "stable_errors": self.stable_errors,
             "candidate_slow": self.candidate_slow,
+            "latency_pairs": self.latency_pairs,
+            "candidate_slower": self.candidate_slower,
             "estimates": self.estimates(),
             "e_values": {name: _e_value(v) for name, v in self._log_e.items()},
             "reject_e_value_thresholds": {n: 1.0 / a for n, a in self._reject_alpha.items() if n != "ks_distance"},
@@ -552,4 +586,5 @@ _DESCRIPTIONS = {
     "latency_slo": "candidate p95 latency above the latency SLO",
     "latency_slo_met": "candidate p95 latency within the SLO",
     "slow_vs_stable": "candidate slower than stable on the same requests",
+    "latency_vs_stable": "candidate latency beyond the tolerance of stable's on the same requests",
 }
