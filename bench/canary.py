@@ -226,10 +226,14 @@ def run_stream(
     record: tuple[int, int] = (0, 0),
     latency_factor: float = 1.0,
     buckets: bool = False,
+    carried: tuple[int, int, int, int] | None = None,
 ) -> Outcome:
-    """Ours on a request stream with whatever share the analysis asks for (the low-traffic schedule picks its own)."""
+    """Ours on a request stream with whatever share the analysis asks for (the low-traffic schedule picks its own);
+    `carried`: (requests, errors, answered, slow) of a shadow phase whose SLO proof the first step starts from."""
     horizon = int(stream.second[-1]) + 1 if stream.second.size else 0
     analysis = CanaryAnalysis(thresholds, started_at=0.0, baseline_record=record)
+    if carried is not None:
+        analysis.carry_slo_proof(*carried)
     edges = np.searchsorted(stream.second, np.arange(0, horizon + every, every))
     failed = 0
     for w in range(len(edges) - 1):
@@ -254,6 +258,33 @@ def run_stream(
         if verdict.decision in (Decision.ROLLBACK, Decision.PROMOTE):
             return Outcome(verdict.decision.value, float((w + 1) * every), failed, verdict.evidence)
     return Outcome("none", float(horizon), failed)
+
+
+def run_shadow_phase(rng: np.random.Generator, rate: float, p_fail: float, every: int = OBSERVE_EVERY_S):
+    """A shadow at 100% mirroring before the canary (`shadow_then_canary`), health only (identical predictions pass
+    the comparison after a few hundred rows, sooner than the error SLO's proof): `ShadowAnalysis` fed each window's
+    mirrored requests, both revisions failing at `p_fail`. (seconds to its pass, its counts) or (horizon, None)."""
+    from mlops_assets.core.rollout.shadow import MirroredPair, ShadowAnalysis, ShadowTolerances
+
+    t = Thresholds()
+    analysis = ShadowAnalysis(
+        ShadowTolerances(compare_predictions=False, max_error_rate=t.max_error_rate, min_requests=200), started_at=0.0
+    )
+    for w in range(1, LOW_HORIZON_S // every + 1):
+        n = int(rng.poisson(rate * every))
+        fail_s, fail_c = rng.random(n) < p_fail, rng.random(n) < p_fail
+        latency = rng.lognormal(np.log(0.04), 0.5, size=(2, n))
+        pairs = [
+            MirroredPair(0, 500 if fail_s[i] else 200, 500 if fail_c[i] else 200, latency[0, i], latency[1, i], [0.5], [0.5])
+            for i in range(n)
+        ]
+        verdict = analysis.observe(pairs, float(w * every))
+        if verdict.decision == Decision.PROMOTE:
+            counts = (analysis.pairs, analysis.candidate_errors, analysis.candidate_answered, analysis.candidate_slow)
+            return float(w * every), counts
+        if verdict.decision == Decision.ROLLBACK:
+            break
+    return float(LOW_HORIZON_S), None
 
 
 def run_flagger_stream(stream: Stream, p_canary: float, threshold: int = 5) -> Outcome:
@@ -377,6 +408,7 @@ def low_traffic(rng: np.random.Generator, args: argparse.Namespace) -> dict[str,
     default = Thresholds()
     declared = Thresholds(decision_budget_s=1e12)  # the adaptation off: the schedule before it
     res: dict[str, list[Outcome]] = {"ours": [], "ours_declared": [], "flagger_like": []}
+    after_shadow: list[Outcome] = []  # shadow_then_canary: the shadow's SLO proof carried into the canary
     bad: dict[str, list[Outcome]] = {"ours": [], "ours_no_record": [], "flagger_like": []}
     for _ in range(args.runs_low):
         record_n = int(rng.poisson(LOW_RPS * RECORD_S))
@@ -385,6 +417,10 @@ def low_traffic(rng: np.random.Generator, args: argparse.Namespace) -> dict[str,
         res["ours"].append(run_stream(healthy, default, 0.001, 0.001, record=record))
         res["ours_declared"].append(run_stream(healthy, declared, 0.001, 0.001, record=record))
         res["flagger_like"].append(run_flagger_stream(healthy, 0.001))
+        shadow_s, carried = run_shadow_phase(rng, LOW_RPS, 0.001)
+        if carried is not None:
+            out = run_stream(healthy, default, 0.001, 0.001, record=record, carried=carried)
+            after_shadow.append(Outcome(out.decision, out.t_s + shadow_s, out.failed, out.evidence))
         broken = make_stream(rng, LOW_RPS, LOW_HORIZON_S)
         bad["ours"].append(run_stream(broken, default, 0.02, 0.001, record=record))
         bad["ours_no_record"].append(run_stream(broken, default, 0.02, 0.001))
@@ -397,6 +433,13 @@ def low_traffic(rng: np.random.Generator, args: argparse.Namespace) -> dict[str,
     expected = [o.evidence.get("expected_decision_s") for o in res["ours"] if o.evidence]
     print(f"  ours: low-traffic share median={median(shares):g}%")
     print(f"  ours: expected_decision_s at promotion: {sum(e is not None for e in expected)} of {len(expected)} reported")
+    exposed = lambda outs: median([o.evidence["cumulative"]["canary_requests"] for o in outs if o.decision == "promote"])  # noqa: E731
+    print(describe("shadow_then_canary", after_shadow), f"({len(after_shadow)} shadows passed of {args.runs_low})")
+    print(
+        f"  users exposed to the candidate until its promotion (median canary requests): ours={exposed(res['ours']):g} "
+        f"shadow_then_canary={exposed(after_shadow):g} (the shadow's proof carried: the canary only needs "
+        f"{Thresholds().min_requests_per_step} users served with no rollback test firing)"
+    )
     print("  canary failing 2% of requests (baseline 0.1%):")
     for name, outs in bad.items():
         print(describe(name, outs))

@@ -144,3 +144,86 @@ def test_new_policy_fields_reach_the_thresholds_and_are_validated() -> None:
     ):
         with pytest.raises(ValueError, match=field):
             Thresholds(**kwargs)
+
+
+# ---- a shadow's SLO proof carried into the canary's first step (shadow_then_canary) ----------------------------
+
+
+def _first_step_requests(carried: tuple[int, int, int, int] | None) -> int:
+    """Clean canary windows at a declared first step (high traffic, so the schedule stays): canary requests until
+    step one passes."""
+    a = CanaryAnalysis(Thresholds(), started_at=0.0)
+    if carried is not None:
+        a.carry_slo_proof(*carried)
+    for t in range(1, 1000):
+        verdict = a.observe(WindowCounts(10, 0, 0, 190, 0, 0), float(t))
+        if verdict.percent != 5:
+            return 10 * t
+    raise AssertionError("step one never passed")
+
+
+def test_a_carried_shadow_proof_leaves_the_first_step_only_its_users_to_serve() -> None:
+    """A shadow that showed both SLOs on 600 mirrored requests: the first step passes once min_requests_per_step (100)
+    users were served, against the ~360 clean requests the error SLO's proof needs from nothing; the evidence says
+    what was carried."""
+    fresh = _first_step_requests(None)
+    carried = _first_step_requests((600, 0, 600, 0))
+    assert carried == Thresholds().min_requests_per_step
+    assert fresh >= 3 * carried
+    a = CanaryAnalysis(Thresholds(), started_at=0.0)
+    a.carry_slo_proof(600, 0, 600, 0)
+    evidence = a.observe(WindowCounts(10, 0, 0, 190, 0, 0), 1.0).evidence
+    assert evidence["carried_slo_proof"] == {
+        "source": "shadow",
+        "requests": 600,
+        "errors": 0,
+        "answered": 600,
+        "slow": 0,
+        "slo_shown": True,
+    }
+
+
+def test_a_carried_proof_keeps_promoting_a_canary_at_the_slo_below_promote_alpha() -> None:
+    """By simulation: a candidate failing exactly at the error SLO (1%, the boundary of H0') in its shadow and in its
+    canary; the shadow's counts carried into a one-step canary. Promotions stay within promote_alpha (0.05)."""
+    rng = np.random.default_rng(7)
+    t = Thresholds(steps=(50,))
+    runs, promoted = 400, 0
+    for _ in range(runs):
+        n = int(rng.integers(200, 2000))
+        a = CanaryAnalysis(t, started_at=0.0)
+        a.carry_slo_proof(n, int(rng.binomial(n, 0.01)), n, 0)
+        for w in range(1, 200):
+            k_c, k_b = int(rng.binomial(20, 0.01)), int(rng.binomial(20, 0.01))
+            verdict = a.observe(WindowCounts(20, k_c, 0, 20, k_b, 0), float(w))
+            if verdict.decision in (Decision.PROMOTE, Decision.ROLLBACK):
+                promoted += verdict.decision == Decision.PROMOTE
+                break
+    assert promoted <= stats.binom.ppf(0.99, runs, t.promote_alpha)
+
+
+def test_carrying_a_proof_is_refused_after_the_first_window_or_with_impossible_counts() -> None:
+    a = CanaryAnalysis(Thresholds(), started_at=0.0)
+    with pytest.raises(ValueError, match="errors <= requests"):
+        a.carry_slo_proof(10, 11, 10, 0)
+    with pytest.raises(ValueError, match="whole number"):
+        a.carry_slo_proof(10, -1, 10, 0)
+    a.observe(WindowCounts(10, 0, 0, 190, 0, 0), 1.0)
+    with pytest.raises(RuntimeError, match="first window"):
+        a.carry_slo_proof(10, 0, 10, 0)
+
+
+def test_shadow_then_canary_at_two_requests_per_second_exposes_about_min_requests_users() -> None:
+    """At 2 req/s the users a candidate is shown to, not time, is the budget: after a shadow (100% mirrored, no user
+    exposed) the canary promotes after about min_requests_per_step users instead of the ~360 a canary alone needs
+    (bench/canary.py prints both)."""
+    rng = np.random.default_rng(43)
+    exposed = []
+    for _ in range(20):
+        n = int(rng.poisson(7200))
+        shadow_s, carried = bench.run_shadow_phase(rng, 2.0, 0.001)
+        assert carried is not None and shadow_s <= 1200
+        out = bench.run_stream(bench.make_stream(rng, 2.0, 3600), Thresholds(), 0.001, 0.001, record=(n, 7), carried=carried)
+        assert out.decision == "promote"
+        exposed.append(out.evidence["cumulative"]["canary_requests"])
+    assert np.median(exposed) <= 1.2 * Thresholds().min_requests_per_step

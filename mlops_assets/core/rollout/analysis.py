@@ -91,6 +91,17 @@ a coin flip when the canary serves half the traffic (at 2 req/s a canary failing
     baseline's during it, so a surge that hits both revisions now is not blamed on the canary (an extra condition
     only removes rollbacks).
 
+Shadow evidence
+---------------
+A canary that follows a shadow phase of the same revision (`shadow_then_canary`) starts its first step's promotion
+tests from what the shadow counted (`carry_slo_proof`): the candidate answered mirrored copies of the same live
+traffic, so under H0' (it violates an SLO) the product of the per-request likelihood ratios over both phases is still
+a test supermartingale and the intersection-union bound holds (the argument of blue-green's `PostSwitchAnalysis`).
+What the first step then waits for is users exposed, not proof: min_requests_per_step canary requests with no
+rollback test firing (the rollback tests start with the canary, on its own traffic, as always), and at low traffic
+its share is sized for those requests instead of the clean requests a proof from nothing needs. Later steps prove
+the SLOs on their own traffic as before.
+
 Relative latency
 ----------------
 (f) latency_tail_vs_baseline: the canary's latency is judged against the baseline's distribution with a declared
@@ -575,6 +586,7 @@ class CanaryAnalysis:
             raise ValueError(f"baseline_record must be (requests, errors) with 0 <= errors <= requests, got {baseline_record!r}")
         self._record = BaselineRecordTest(t.min_rate_ratio, int(requests), int(errors))
         self._record_before = int(requests)
+        self._carried: dict[str, Any] | None = None  # the shadow phase's counts, when its proof was carried over
         self._latency_tail = LatencyTailTest(t.min_rate_ratio, t.latency_ratio_tolerance, t.latency_margin_s)
         self._rollback_tests: dict[str, Any] = {
             "error_vs_baseline": self._error_vs_baseline,
@@ -622,6 +634,25 @@ class CanaryAnalysis:
         self._record.n_b += int(requests)
         self._record.k_b += int(errors)
         self._record_before += int(requests)
+
+    def carry_slo_proof(self, requests: int, errors: int, answered: int, slow: int, source: str = "shadow") -> None:
+        """Start the first step's promotion tests from what the same revision showed on mirrored copies of live
+        requests: `errors` of `requests` failed, `slow` of the `answered` ones were above the p95 SLO (see "Shadow
+        evidence"). Only before the first window."""
+        if self._windows or self._missing_windows or self._step:
+            raise RuntimeError("a shadow's SLO proof can only be carried into the first step, before its first window")
+        counts = {"requests": requests, "errors": errors, "answered": answered, "slow": slow}
+        for name, value in counts.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"carried {name} must be a whole number >= 0, got {value!r}")
+        if errors > requests or slow > answered or answered > requests:
+            raise ValueError(f"carried counts must have errors <= requests, slow <= answered <= requests, got {counts}")
+        self._good_tests["error_slo_met"].update(errors, requests)
+        self._good_tests["latency_slo_met"].update(slow, answered)
+        for name, test in self._good_tests.items():
+            self._log_e[name] = test.log_e
+        shown = all(test.log_e >= self._log_promote_bound for test in self._good_tests.values())
+        self._carried = {"source": source, **counts, "slo_shown": shown}
 
     @property
     def percent(self) -> int:
@@ -741,10 +772,13 @@ class CanaryAnalysis:
         total = self._totals["canary_requests"] + self._totals["baseline_requests"]
         return total / span if span > 0 and total > 0 else None
 
-    def _clean_requests_per_step(self) -> int:
-        """Canary requests a step needs at least: those that show the error SLO with no failure at all (the r = 0
-        alternative of the promotion test), or min_requests_per_step if more."""
+    def _clean_requests_per_step(self, step: int | None = None) -> int:
+        """Canary requests step `step` (by default: the later ones) needs at least: those that show the error SLO with
+        no failure at all (the r = 0 alternative of the promotion test), or min_requests_per_step if more; only the
+        latter for a first step whose SLO proof was carried over from a shadow phase that showed both."""
         t = self.thresholds
+        if step == 0 and self._carried is not None and self._carried["slo_shown"]:
+            return t.min_requests_per_step
         log_bound = self._log_promote_bound + math.log(len(SLO_MET_FRACTIONS))
         return max(math.ceil(log_bound / -math.log1p(-t.max_error_rate)), t.min_requests_per_step)
 
@@ -757,13 +791,13 @@ class CanaryAnalysis:
         rps = self._observed_rps()
         if rps is None or self._last_data_at - self.started_at < MIN_RATE_ESTIMATE_S:
             return None
-        n_clean = self._clean_requests_per_step()
-        declared_s = sum(n_clean / (rps * s / 100.0) for s in self._steps)
+        n_first, n_clean = self._clean_requests_per_step(0), self._clean_requests_per_step()
+        declared_s = sum((n_first if i == 0 else n_clean) / (rps * s / 100.0) for i, s in enumerate(self._steps))
         if declared_s <= t.decision_budget_s:
             return None
-        needed = max(n_clean - self._step_requests, 1)
+        needed = max(n_first - self._step_requests, 1)
         share = math.ceil(100.0 * needed / (rps * t.decision_budget_s))
-        record_ok = self._record.n_b >= RECORD_FACTOR * n_clean
+        record_ok = self._record.n_b >= RECORD_FACTOR * n_first
         percent = min(max(share, self._steps[0]), t.max_low_traffic_percent) if record_ok else self._steps[0]
         percent = max(percent, self._steps[0])
         self._steps = (percent,)
@@ -860,6 +894,7 @@ class CanaryAnalysis:
             "expected_decision_s": self._expected_decision_s(now),
             "latency_tail_bounds_s": list(self._latency_tail.bounds) if self._latency_tail.bounds else None,
             "baseline_record": {"before_canary": self._record_before, "requests": self._record.n_b, "errors": self._record.k_b},
+            "carried_slo_proof": self._carried,
             "step_canary_requests": self._step_requests,
             "step_windows": self._step_windows,
             "windows": self._windows,
