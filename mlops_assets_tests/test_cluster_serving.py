@@ -298,6 +298,9 @@ class ClusterLikePlatform:
         self.green_percent = 0
         return self.status(name)
 
+    def shadow_pairs(self, name: str, since: int = 0) -> dict:
+        raise NotImplementedError(f"{type(self).__name__} does not record mirrored requests")
+
 
 class ServedCounts:
     """Per-revision counts of the requests the runtime server answered, all fast (what Prometheus would hold)."""

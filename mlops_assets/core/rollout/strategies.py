@@ -310,11 +310,8 @@ def _validation_answer(url: str, body: bytes, protocol: str, rows: int, timeout:
 
 def _green_mirror_cursor(ctx: RolloutContext) -> tuple[int | None, str]:
     """Where the router's record of mirrored requests stands now, or None (with why) when the platform cannot mirror."""
-    shadow_pairs = getattr(ctx.platform, "shadow_pairs", None)
-    if shadow_pairs is None:
-        return None, f"{type(ctx.platform).__name__} does not record mirrored requests"
     try:
-        return int(shadow_pairs(ctx.isvc).get("next", 0)), ""
+        return int(ctx.platform.shadow_pairs(ctx.isvc).get("next", 0)), ""
     except NotImplementedError as exc:
         return None, str(exc)
 
@@ -479,11 +476,12 @@ def _ab_counts(ctx: RolloutContext, url: str) -> dict[str, RevisionCounts] | Non
     `ab_outcomes`: the payload sink's counts) gives the outcomes; locally the router's feedback
     counts come with the metrics. Outcomes that cannot be read are no data, as metrics are."""
     counts = ctx.counts(url)
-    outcomes = getattr(ctx.platform, "ab_outcomes", None)
-    if counts is None or outcomes is None:
+    if counts is None:
         return counts
     try:
-        per_revision = outcomes(ctx.isvc)
+        per_revision = ctx.platform.ab_outcomes(ctx.isvc)
+    except NotImplementedError:  # the outcomes are in the metrics (the local router's feedback counts)
+        return counts
     except Exception as exc:  # noqa: BLE001 - unreadable outcomes are "no data", never a decision
         ctx.log(f"{ctx.isvc}: A/B outcomes unavailable ({type(exc).__name__}: {exc}); holding")
         return None
@@ -503,9 +501,8 @@ def run_ab_test(ctx: RolloutContext, manifest: dict, ab, split_percent: int = 50
     status, b_rev, a_rev, unchanged = _deploy_candidate(ctx, manifest, split_percent, "ab_test")
     if unchanged is not None:
         return unchanged
-    pin_users = getattr(ctx.platform, "start_ab_test", None)
-    if pin_users is not None:  # a platform whose own split is per request: pin users at the mesh
-        pin_users(ctx.isvc, a_rev, b_rev, split_percent)
+    # Users stay in their arm: pinned at the mesh on a cluster (Knative's own split is per request), by the router locally.
+    ctx.platform.start_ab_test(ctx.isvc, a_rev, b_rev, split_percent)
     start = _ab_counts(ctx, status.url) or {}
     ctx.event(
         "ab_start",

@@ -167,6 +167,15 @@ class ServingPlatform(EngineConfig, ABC):
         """The mirrored requests recorded after `since`, with both answers (the router's `GET /-/shadow`)."""
         raise NotImplementedError(f"{type(self).__name__} does not record mirrored requests")
 
+    def start_ab_test(self, name: str, a: str, b: str, percent: int) -> None:
+        """Pin users to arms (B = revision `b` for `percent`% of users, A = `a`) and declare the test to what
+        counts its outcomes, where the platform's own split is per request."""
+        raise NotImplementedError(f"{type(self).__name__} does not pin A/B users")
+
+    def ab_outcomes(self, name: str) -> dict[str, tuple[int, int]]:
+        """Cumulative A/B outcomes per revision, (successes, failures), where they are not in the metrics."""
+        raise NotImplementedError(f"{type(self).__name__} counts A/B outcomes with its metrics")
+
     @abstractmethod
     def rollback(self, name: str) -> ServiceStatus:
         """During a canary, send all traffic back to the rolled-out revision; after a promotion,
@@ -224,6 +233,10 @@ class LocalPlatform(ServingPlatform):
     def shadow_pairs(self, name: str, since: int = 0) -> dict:
         status = self.status(name)
         return http.request(f"{status.url}/-/shadow?since={int(since)}", timeout=10).checked().json()
+
+    def start_ab_test(self, name: str, a: str, b: str, percent: int) -> None:
+        """Nothing to do: the router pins each user to an arm by its `x-user-key` at the split `apply` set, and
+        counts the outcomes (`/-/feedback`) with its metrics (so `ab_outcomes` is the base class's)."""
 
     def rollout_lock(self, name: str) -> RolloutLock:
         from mlops_assets.core.serving.lock import FileRolloutLock
