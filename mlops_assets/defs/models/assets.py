@@ -42,6 +42,12 @@ def declared_models(repository: dg.RepositoryDefinition) -> dict[str, ModelDecla
     return found
 
 
+def not_served_yet(serving: ServingPlatform, isvc: str) -> str | None:
+    """`"<isvc> is not served yet"` while the model has no InferenceService (no version rolled out yet), else None:
+    what the assets and checks that act on a served model say instead of failing."""
+    return None if isvc in serving.list_services() else f"{isvc} is not served yet"
+
+
 def training_function(path: str):
     """The declared `module:function` that trains and registers a version."""
     module_name, _, attr = path.partition(":")
@@ -189,8 +195,8 @@ def build_champion_asset(declaration: ModelDeclaration) -> dg.AssetsDefinition:
     ) -> dg.MaterializeResult:
         """MLflow's `champion` alias, moved to the version serving/<name> now serves as its stable
         revision. Runs only after serving's blocking checks pass: the registry's promotion gate."""
-        if isvc not in serving.list_services():
-            return dg.MaterializeResult(metadata={"champion_version": "", "note": f"{isvc} is not served yet"})
+        if note := not_served_yet(serving, isvc):
+            return dg.MaterializeResult(metadata={"champion_version": "", "note": note})
         stable = serving.status(isvc).stable_version
         before = mlflow.alias_version(model_name, CHAMPION)
         if stable and stable != before:

@@ -21,7 +21,7 @@ from mlops_assets.core.kube import run_pod_tags
 from mlops_assets.core.monitoring.drift import DriftConfig
 from mlops_assets.core.registry import MlflowRegistry
 from mlops_assets.core.serving.platform import ServingPlatform
-from mlops_assets.defs.models.assets import ROLE_TAG
+from mlops_assets.defs.models.assets import ROLE_TAG, not_served_yet
 
 GROUP = "monitoring"
 CHECK_DRIFT_SHARE = "drift_share"
@@ -101,8 +101,8 @@ def build_drift_asset(declaration: ModelDeclaration) -> tuple[dg.AssetsDefinitio
         from mlops_assets.core.monitoring.report import drift_plot_png, histogram_grid_png, render_html
 
         policy = declaration.drift_config(drift_policy)
-        if isvc not in serving.list_services():
-            context.log.info(f"{isvc} is not served yet: no traffic to compare")
+        if note := not_served_yet(serving, isvc):
+            context.log.info(f"{note}: no traffic to compare")
             return dg.MaterializeResult(metadata={"dataset_verdict": "not served yet"})
         status = serving.status(isvc)
         version = mlflow.get_version(model_name, status.stable_version)

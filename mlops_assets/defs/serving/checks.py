@@ -15,18 +15,17 @@ from mlops_assets.core.registry import MlflowRegistry
 from mlops_assets.core.rollout.policy import RolloutPolicy
 from mlops_assets.core.serving.metrics import MetricsSource, MetricsUnavailableError, RevisionCounts
 from mlops_assets.core.serving.platform import ServingPlatform, http_json
+from mlops_assets.defs.models.assets import not_served_yet
 
 CHECK_PREDICTOR_ANSWERS = "predictor_answers"
 CHECK_ERROR_RATE = "error_rate"
 CHECK_P95_LATENCY = "p95_latency"
 
 
-def not_served_yet(isvc: str) -> dg.AssetCheckResult:
+def _warn_not_served(note: str) -> dg.AssetCheckResult:
     """A declared model with nothing served yet (no version registered, or no champion): a warning
     that says so, not a failure of the platform."""
-    return dg.AssetCheckResult(
-        passed=False, severity=dg.AssetCheckSeverity.WARN, metadata={"note": f"{isvc} is not served yet: no champion"}
-    )
+    return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.WARN, metadata={"note": f"{note}: no champion"})
 
 
 def build_serving_checks(declaration: ModelDeclaration) -> list[dg.AssetChecksDefinition]:
@@ -42,8 +41,8 @@ def build_serving_checks(declaration: ModelDeclaration) -> list[dg.AssetChecksDe
         from mlops_assets.core.serving.manifest import protocol_of
         from mlops_assets.core.serving.payloads import payload_for, predictions_in
 
-        if isvc not in serving.list_services():
-            return not_served_yet(isvc)
+        if note := not_served_yet(serving, isvc):
+            return _warn_not_served(note)
         status = serving.status(isvc)
         protocol = protocol_of(serving.manifest(isvc))
         try:
@@ -110,8 +109,8 @@ def build_serving_checks(declaration: ModelDeclaration) -> list[dg.AssetChecksDe
         """What the threshold checks share: unreadable metrics fail; a rollout that rolled the judged
         revision back for one of `kinds` fails with its verdict; no requests yet is a warning, never a
         pass; otherwise `judge(counts)` decides, as (passed, observed metadata)."""
-        if isvc not in serving.list_services():
-            return not_served_yet(isvc)
+        if note := not_served_yet(serving, isvc):
+            return _warn_not_served(note)
         query = metrics.describe_query(isvc)
         try:
             _, revision, counts = _judged_revision(serving, metrics)
