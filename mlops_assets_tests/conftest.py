@@ -1,4 +1,5 @@
-"""Shared fixtures: a real MLflow registry on SQLite and real local serving processes.
+"""Shared fixtures: a real MLflow registry on SQLite and real local serving processes; for the cluster path, a
+real payload sink process and Istio's VirtualService schema.
 
 Expensive things (training, model-server start-up) happen once per session. At the end of the
 session every process started under the test's MLOPS_HOME is stopped, and the suite fails if any
@@ -19,6 +20,8 @@ from mlops_assets.demo.training import Fault, train_and_register
 
 MODEL = "fraud_detector"
 ISVC = "fraud-detector"
+#: The `networking.istio.io/v1` VirtualService schema of Istio 1.27.1's CRD (see test_cluster_ab's docstring).
+VS_SCHEMA = Path(__file__).parent / "schemas" / "istio-1.27.1-virtualservice-v1.json"
 SHARED_SCHEMA = Path(__file__).resolve().parents[2] / "shared" / "schemas" / "kserve" / "serving.kserve.io_inferenceservices.yaml"
 
 
@@ -81,3 +84,22 @@ def isvc_schema():
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1beta1"]
     # Built once: jsonschema.validate() would re-check this 2 MB schema on every call.
     return jsonschema.Draft7Validator(version["schema"]["openAPIV3Schema"])
+
+
+@pytest.fixture(scope="module")
+def vs_validator():
+    """Istio 1.27.1's VirtualService schema (`schemas/`) as a validator."""
+    import json
+
+    import jsonschema
+
+    return jsonschema.Draft7Validator(json.loads(VS_SCHEMA.read_text()))
+
+
+@pytest.fixture
+def sink(tmp_path):
+    """A real payload sink process on 127.0.0.1 (helpers.payload_sink), storing under `tmp_path`: its URL."""
+    from mlops_assets_tests.helpers import payload_sink  # here: helpers imports dagster, which not every test needs
+
+    with payload_sink(f"{tmp_path}/store") as url:
+        yield url

@@ -4,13 +4,13 @@ No cluster runs here. What stands in, and what is real:
 - The VirtualService and Service `core/serving/mesh.py` builds are validated offline: the VirtualService
   against the `networking.istio.io/v1` schema of Istio 1.27.1's CRD (istio/api
   kubernetes/customresourcedefinitions.gen.yaml at tag 1.27.1, commit f5a5d3a6; the schema is stored in
-  `schemas/`), the Service by kubernetes-validate, and the routes by evaluating their header regexes as
-  Envoy does (a full match over the header value).
+  `schemas/`, conftest.py's `vs_validator`), the Service by kubernetes-validate, and the routes by
+  evaluating their header regexes as Envoy does (a full match over the header value).
 - The assignment rule is the local router's own (`Router.revision_for_key`), compared user by user.
-- `KubernetesPlatform` runs against kmock (test_kubernetes_platform's FakeCluster and its KServe
-  controller stand-in); the payload sink is a real process on 127.0.0.1, and `run_ab_test` with the
-  same `ABTest` as locally decides from the outcomes posted to it. Users are routed by the stored
-  VirtualService (no Envoy runs), and convert at their arm's rate.
+- `KubernetesPlatform` runs against kmock (helpers.py's FakeCluster and its KServe controller
+  stand-in); the payload sink is a real process on 127.0.0.1 (conftest.py's `sink`), and `run_ab_test`
+  with the same `ABTest` as locally decides from the outcomes posted to it. Users are routed by the
+  stored VirtualService (no Envoy runs), and convert at their arm's rate.
 """
 
 from __future__ import annotations
@@ -19,13 +19,8 @@ import inspect
 import json
 import random
 import re
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import jsonschema
 import kmock
 import pytest
 
@@ -36,17 +31,10 @@ from mlops_assets.core.serving import kubernetes, mesh
 from mlops_assets.core.serving.kubernetes import KubernetesPlatform
 from mlops_assets.core.serving.manifest import ManifestError
 from mlops_assets.core.serving.metrics import MetricsSource, RevisionCounts
+from mlops_assets_tests.helpers import NAME, NS, VIRTUALSERVICES, FakeClock, FakeCluster, manifest_for, rev
 from mlops_assets_tests.test_k8s_manifests import get, kustomized, objects, pods, rendered  # noqa: F401 - fixtures
-from mlops_assets_tests.test_kubernetes_platform import NAME, NS, FakeClock, FakeCluster, manifest_for, rev
 
-VS_SCHEMA = Path(__file__).parent / "schemas" / "istio-1.27.1-virtualservice-v1.json"
-VIRTUALSERVICES = kmock.resource("networking.istio.io", "v1", "virtualservices")
 SERVICES = kmock.resource("", "v1", "services")
-
-
-@pytest.fixture(scope="module")
-def vs_validator() -> jsonschema.Draft7Validator:
-    return jsonschema.Draft7Validator(json.loads(VS_SCHEMA.read_text()))
 
 
 # ---- the built objects ------------------------------------------------------------------------------
@@ -191,50 +179,7 @@ def test_outcome_endpoint_callers_pass_network_and_mesh_policies(rendered, pods)
             assert not authorization_allows(authz, pods[other], sink, 8080, method, path), (other, method, path)
 
 
-# ---- the payload sink's outcome endpoint, a real process ------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def sink(tmp_path):
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlops_assets.servers.payload_sink",
-            "--port",
-            str(port),
-            "--store",
-            f"{tmp_path}/store",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if http.request(f"{url}/-/ready", timeout=2).ok:
-                break
-        except http.HttpUnavailableError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"payload sink did not start: {proc.stderr.read().decode()[-2000:]}")
-        time.sleep(0.2)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
-
-
+# ---- the payload sink's outcome endpoint, a real process (conftest.py's `sink`) ------------------------
 def _send(url: str, method: str, path: str, payload=None, body: bytes | None = None):
     response = http.request(f"{url}{path}", method=method, json_body=payload, body=body, timeout=10)
     return response.status, response.json()

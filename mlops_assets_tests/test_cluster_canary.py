@@ -1,6 +1,6 @@
 """The canary scenario of the local platform, on the cluster path: kmock, the mesh stand-in and a real Prometheus.
 
-No cluster runs here, so two stand-ins take its place. kmock (test_kubernetes_platform.py's `FakeCluster`)
+No cluster runs here, so two stand-ins take its place. kmock (helpers.py's `FakeCluster`)
 is the Kubernetes API server, with a stand-in for KServe's controller that writes the InferenceService's
 traffic split as KServe 0.21 and Knative would. `MeshStandin` (mesh_standin.py) is what a cluster's
 Prometheus scrapes from the predictor pods: the Istio 1.27 sidecars' `istio_requests_total` and
@@ -45,8 +45,8 @@ from mlops_assets.core.rollout.strategies import PROMOTED, ROLLED_BACK
 from mlops_assets.core.serving.metrics import PrometheusMetrics
 from mlops_assets.core.settings import load_settings
 from mlops_assets.defs.resources import build_resources
+from mlops_assets_tests.helpers import CANARY, NAME, NS, FakeCluster, manifest_for, rev, uri
 from mlops_assets_tests.mesh_standin import MeshStandin, Pod, standin_and_prometheus
-from mlops_assets_tests.test_kubernetes_platform import CANARY, NAME, NS, FakeCluster, manifest_for, rev, uri
 
 MODEL = "fraud_detector"
 FAULTY_ERROR_RATE = 0.02

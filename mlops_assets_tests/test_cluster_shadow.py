@@ -2,23 +2,24 @@
 
 No cluster runs here. What stands in, and what is real:
 - The mirroring VirtualService `core/serving/mesh.py` builds is validated offline against the
-  `networking.istio.io/v1` schema of Istio 1.27.1's CRD (the file test_cluster_ab uses), and a broken one
-  is refused by it. So is the DestinationRule that bounds the copies in flight, against the DestinationRule
-  schema of the same release: `schemas/istio-1.27.1-destinationrule-v1.json` is the `v1` version's
-  `openAPIV3Schema` of the DestinationRule CRD in istio/istio manifests/charts/base/files/crd-all.gen.yaml
-  at tag 1.27.1 (commit 4ac35992, built from istio/api f5a5d3a6, the commit the VirtualService schema was
-  taken from; that file's VirtualService schema is identical to the stored one), written with
-  `json.dumps(schema, sort_keys=True, indent=1)` as the VirtualService's was. What Istio does with the
-  rule (Envoy's circuit breakers on the mirror's subset cluster) is read from Istio's source, not run.
-- `KubernetesPlatform` runs against kmock (test_kubernetes_platform's FakeCluster and its KServe controller
+  `networking.istio.io/v1` schema of Istio 1.27.1's CRD (the file test_cluster_ab uses, through conftest.py's
+  `vs_validator`), and a broken one is refused by it. So is the DestinationRule that bounds the copies in
+  flight, against the DestinationRule schema of the same release:
+  `schemas/istio-1.27.1-destinationrule-v1.json` is the `v1` version's `openAPIV3Schema` of the
+  DestinationRule CRD in istio/istio manifests/charts/base/files/crd-all.gen.yaml at tag 1.27.1 (commit
+  4ac35992, built from istio/api f5a5d3a6, the commit the VirtualService schema was taken from; that file's
+  VirtualService schema is identical to the stored one), written with `json.dumps(schema, sort_keys=True,
+  indent=1)` as the VirtualService's was. What Istio does with the rule (Envoy's circuit breakers on the
+  mirror's subset cluster) is read from Istio's source, not run.
+- `KubernetesPlatform` runs against kmock (helpers.py's FakeCluster and its KServe controller
   stand-in): it applies the bound and the mirror, removes both (stopping, rolling back, promoting, starting
   an A/B test), and makes only the calls Role mlops-rollout grants.
-- The payload sink is a real process on 127.0.0.1. No KServe agent runs: the tests post the CloudEvents
-  KServe's payload logger sends (kserve/kserve pkg/logger/handler.go and worker.go: a request event, a
-  response event for 200s only, `ce-source` the pod's name, `ce-time` the moment, `ce-metadata` the
-  listed headers), for the stable revision and, for the requests the stored VirtualService mirrors, for
-  the candidate with the same `x-request-id` (which Envoy keeps on the copy). No Envoy runs: the tests
-  mirror the share `mirrorPercentage` says.
+- The payload sink is a real process on 127.0.0.1 (conftest.py's `sink`). No KServe agent runs: the tests
+  post the CloudEvents KServe's payload logger sends (kserve/kserve pkg/logger/handler.go and worker.go: a
+  request event, a response event for 200s only, `ce-source` the pod's name, `ce-time` the moment,
+  `ce-metadata` the listed headers), for the stable revision and, for the requests the stored
+  VirtualService mirrors, for the candidate with the same `x-request-id` (which Envoy keeps on the copy).
+  No Envoy runs: the tests mirror the share `mirrorPercentage` says.
 - `run_shadow`, unchanged from the local platform, decides from the pairs the sink returns: a candidate
   with identical answers is promoted, one flipping 30% of decisions is rolled back, and no user request
   is answered by the candidate (Knative's split, as the stand-in controller reports it, gives it 0%).
@@ -52,11 +53,9 @@ from mlops_assets.core.serving.metrics import MetricsSource, RevisionCounts
 from mlops_assets.core.serving.platform import RolloutStateError
 from mlops_assets.core.settings import SHADOW_MAX_IN_FLIGHT
 from mlops_assets.servers.payload_sink import ShadowPairs
-from mlops_assets_tests.test_cluster_ab import VIRTUALSERVICES, sink, vs_validator  # noqa: F401 - fixtures: a real sink, the schema
+from mlops_assets_tests.helpers import ISVC, NAME, NS, VIRTUALSERVICES, FakeClock, FakeCluster, manifest_for, rev
 from mlops_assets_tests.test_k8s_manifests import get, kustomized, objects, pods, rendered  # noqa: F401 - fixtures
-from mlops_assets_tests.test_kubernetes_platform import NAME, NS, FakeClock, FakeCluster, manifest_for, rev
 
-ISVC = kmock.resource("serving.kserve.io", "v1beta1", "inferenceservices")
 DESTINATIONRULES = kmock.resource("networking.istio.io", "v1", "destinationrules")
 #: See the module docstring for where this came from.
 DR_SCHEMA = Path(__file__).parent / "schemas" / "istio-1.27.1-destinationrule-v1.json"
@@ -69,7 +68,7 @@ def dr_validator() -> jsonschema.Draft7Validator:
 
 # ---- the built object -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("percent", [1, 20, 100])
-def test_the_mirror_virtual_service_validates_against_istios_crd(vs_validator, percent):  # noqa: F811 - fixture
+def test_the_mirror_virtual_service_validates_against_istios_crd(vs_validator, percent):
     vs = mesh.build_mirror_virtual_service(NAME, NS, rev(2), percent)
     errors = [e.message for e in vs_validator.iter_errors(vs)]
     assert not errors, errors
@@ -94,7 +93,7 @@ def test_the_mirror_virtual_service_validates_against_istios_crd(vs_validator, p
     assert mesh.arm_for_request(vs, mesh.bucket_header("u1")) is None  # nobody is pinned to an arm
 
 
-def test_the_schema_really_rejects_a_broken_mirror(vs_validator):  # noqa: F811 - fixture
+def test_the_schema_really_rejects_a_broken_mirror(vs_validator):
     vs = mesh.build_mirror_virtual_service(NAME, NS, rev(2), 20)
     del vs["spec"]["http"][1]["mirror"]["host"]  # required
     assert list(vs_validator.iter_errors(vs))
@@ -255,7 +254,7 @@ def _pairs(url: str, since: int = 0) -> dict:
     return http.request(f"{url}/-/shadow/{NAME}?since={since}", timeout=10).checked().json()
 
 
-def test_the_sink_pairs_the_answers_of_one_request_id(sink):  # noqa: F811 - test_cluster_ab's fixture
+def test_the_sink_pairs_the_answers_of_one_request_id(sink):
     logger = Logger(sink)
     before = _pairs(sink)
     assert (before["mirrored"], before["next"], before["pairs"], before["mirror"]) == (0, 0, [], None)
@@ -325,7 +324,7 @@ def test_at_the_timeout_a_copy_without_an_answer_is_a_failed_pair_and_unmirrored
     assert pairs.page(9999, 10, now=41.0)["restarted"]
 
 
-def test_bad_shadow_declarations_get_a_400_that_says_why(sink):  # noqa: F811 - test_cluster_ab's fixture
+def test_bad_shadow_declarations_get_a_400_that_says_why(sink):
     good = {"stable": rev(1), "candidate": rev(2), "percent": 20}
     for bad in ({**good, "percent": 0}, {**good, "percent": 101}, {**good, "candidate": rev(1)}, {"stable": rev(1)}):
         response = http.request(f"{sink}/-/shadow/{NAME}", method="PUT", json_body=bad, timeout=10)
@@ -365,7 +364,7 @@ def _platform(cluster, sink_url: str, capture: bool = True) -> KubernetesPlatfor
     )
 
 
-def test_kubernetes_platform_applies_and_removes_the_mirror(sink):  # noqa: F811 - test_cluster_ab's fixture
+def test_kubernetes_platform_applies_and_removes_the_mirror(sink):
     """set_mirror creates the A/B host's Service and VirtualService (owned by the InferenceService) mirroring to
     the candidate, declares the shadow to the sink, and set_mirror(0) resets the routes to Knative's split; the
     calls on virtualservices and services are the A/B ones, which Role mlops-rollout grants (test_cluster_ab)."""
@@ -420,7 +419,7 @@ def test_kubernetes_platform_applies_and_removes_the_mirror(sink):  # noqa: F811
         assert made[kubernetes.DR_RESOURCE] == {"get", "create", "patch", "delete"}
 
 
-def test_the_stored_bound_validates_against_istios_crd(sink, dr_validator):  # noqa: F811 - test_cluster_ab's fixture
+def test_the_stored_bound_validates_against_istios_crd(sink, dr_validator):
     """What the API server holds after set_mirror (with the ownerReference) is still a valid DestinationRule."""
     with FakeCluster() as cluster:
         platform = _platform(cluster, sink)
@@ -433,7 +432,7 @@ def test_the_stored_bound_validates_against_istios_crd(sink, dr_validator):  # n
         assert mesh.shadow_limit_of(dr) == (rev(2), 3)
 
 
-def test_rollback_stops_mirroring_first(sink):  # noqa: F811 - test_cluster_ab's fixture
+def test_rollback_stops_mirroring_first(sink):
     with FakeCluster() as cluster:
         platform = _platform(cluster, sink)
         platform.apply(manifest_for("1"))
@@ -451,7 +450,7 @@ def test_rollback_stops_mirroring_first(sink):  # noqa: F811 - test_cluster_ab's
         assert _routing_calls(cluster)[-3:] == ["vs PATCH", "dr DELETE", "isvc PATCH"]
 
 
-def test_promotion_and_a_new_ab_test_stop_the_mirror_and_delete_its_bound(sink):  # noqa: F811 - test_cluster_ab's fixture
+def test_promotion_and_a_new_ab_test_stop_the_mirror_and_delete_its_bound(sink):
     """Promotion stops mirroring (and deletes the bound) before the candidate takes the users; an A/B test started
     while a dead rollout's mirror is still on stops it first instead of overwriting its routes."""
     with FakeCluster() as cluster:
@@ -477,7 +476,7 @@ def test_promotion_and_a_new_ab_test_stop_the_mirror_and_delete_its_bound(sink):
         assert _stored_dr(cluster) is None and _pairs(sink)["mirror"] is None
 
 
-def test_a_shadow_needs_both_revisions_cut_with_capture(sink):  # noqa: F811 - test_cluster_ab's fixture
+def test_a_shadow_needs_both_revisions_cut_with_capture(sink):
     """The stable revision was deployed before shadow capture was on: its logger logs no answers, so nothing could
     be paired. shadow_pairs says "cannot mirror" (blue-green then validates without), set_mirror refuses, and no
     routing object is made."""
@@ -545,7 +544,7 @@ class NoCounts(MetricsSource):
 
 
 @pytest.mark.parametrize("flip", [0.0, 0.3])
-def test_a_shadow_run_on_the_cluster_promotes_an_identical_candidate_and_rejects_a_flipping_one(sink, flip):  # noqa: F811
+def test_a_shadow_run_on_the_cluster_promotes_an_identical_candidate_and_rejects_a_flipping_one(sink, flip):
     with FakeCluster() as cluster:
         platform = _platform(cluster, sink)
         platform.apply(manifest_for("1"))
