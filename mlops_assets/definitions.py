@@ -12,55 +12,51 @@ from pathlib import Path
 
 import dagster as dg
 import yaml
+from dagster_shared.yaml_utils import SourcePositionTree, parse_yamls_with_source_position
 
 DEFS_DIR = Path(__file__).parent / "defs"
 COMPONENT_TYPES = {"mlops_assets.components.MlflowModel", "mlops_assets.components.mlflow_model.MlflowModel"}
 
 
-def _node_at(node: yaml.Node, path: tuple) -> yaml.Node:
-    """The YAML node at `path` (mapping keys and sequence indexes), or the deepest one found."""
+def _line_at(tree: SourcePositionTree, path: tuple) -> int:
+    """The line of the YAML value at `path` (mapping keys and sequence indexes), or of the deepest one found; a
+    mapping or a sequence starts at its first entry."""
     for step in path:
-        if isinstance(node, yaml.MappingNode):
-            found = [value for key, value in node.value if getattr(key, "value", None) == step]
-            if not found:
-                return node
-            node = found[0]
-        elif isinstance(node, yaml.SequenceNode) and isinstance(step, int) and step < len(node.value):
-            node = node.value[step]
-        else:
-            return node
-    return node
+        if step not in tree.children:
+            break
+        tree = tree.children[step]
+    return next(iter(tree.children.values()), tree).position.start.line
 
 
 def check_declarations(defs_dir: Path = DEFS_DIR) -> None:
     """Every model declaration is valid, and each registered model is declared once; otherwise fail
     naming the file, the line and the field. Dagster's loader checks the YAML's shape with lines too,
     but values it might still template (strings: a strategy, a name) only after, without a line; and
-    two declarations of one model would only show as a duplicated asset key."""
+    two declarations of one model would only show as a duplicated asset key. The YAML is read by the loader's own
+    parser (values and lines in one pass, as the loader will see them)."""
     import pydantic
 
     from mlops_assets.core.declaration import ModelDeclaration
 
     seen: dict[str, str] = {}
     for path in sorted(defs_dir.rglob("defs.yaml")):
-        text = path.read_text()
-        for node, document in zip(yaml.compose_all(text), yaml.safe_load_all(text), strict=True):
+        for parsed in parse_yamls_with_source_position(path.read_text(encoding="utf-8"), str(path)):
+            document, lines = parsed.value, parsed.source_position_tree
             if not isinstance(document, dict) or document.get("type") not in COMPONENT_TYPES:
                 continue
             attributes = document.get("attributes")
             if not isinstance(attributes, dict) or "{{" in yaml.safe_dump(attributes):
                 continue  # the loader reports a missing mapping; templated values are checked once rendered
-            attributes_node = _node_at(node, ("attributes",))
             try:
                 declaration = ModelDeclaration(**attributes)
             except pydantic.ValidationError as exc:
                 error = exc.errors()[0]
                 field = ".".join(str(step) for step in error["loc"])
-                line = _node_at(attributes_node, error["loc"]).start_mark.line + 1
+                line = _line_at(lines, ("attributes", *error["loc"]))
                 raise dg.DagsterInvalidDefinitionError(
                     f"{path}:{line}: invalid model declaration, field attributes.{field}: {error['msg']}"
                 ) from None
-            where = f"{path}:{_node_at(attributes_node, ('name',)).start_mark.line + 1}"
+            where = f"{path}:{_line_at(lines, ('attributes', 'name'))}"
             if declaration.name in seen:
                 raise dg.DagsterInvalidDefinitionError(
                     f"model {declaration.name!r} is declared twice: {seen[declaration.name]} and {where} "
