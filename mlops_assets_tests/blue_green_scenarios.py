@@ -150,6 +150,10 @@ class SimulatedService:
         self.green_percent, self.rolled_out = 100, "green"
         return self.status()
 
+    def set_canary_percent(self, name: str, percent: int) -> ServiceStatus:
+        self.green_percent = percent
+        return self.status()
+
     def rollback(self, name: str) -> ServiceStatus:
         self.green_percent, self.rolled_out, self.mirror_percent = 0, "blue", 0
         return self.status()

@@ -392,3 +392,42 @@ def test_mirrored_traffic_rejects_a_flipping_candidate_and_passes_an_identical_o
         assert flipping.candidate_failed_requests == 0  # the flipping candidate never answered a user
     finally:
         platform.delete(ISVC)
+
+
+def test_shadow_then_canary_carries_the_shadows_slo_proof_into_the_canary_at_low_traffic():
+    """The real `run_shadow(then_canary=True)` on the simulated service of `blue_green_scenarios` (its clock, users at
+    2 req/s, both revisions failing 0.1%): the shadow passes on mirrored requests, the canary's first step starts from
+    its SLO proof (the evidence says so), and the candidate is promoted after about min_requests_per_step users were
+    served by it, not the ~360 a proof from nothing needs. No user got the candidate's answer before the canary."""
+    from mlops_assets.core.rollout.strategies import PROMOTED, RolloutContext, run_shadow
+    from mlops_assets_tests.blue_green_scenarios import ISVC as SIM
+    from mlops_assets_tests.blue_green_scenarios import MANIFEST, POLL_S, SimulatedService
+
+    t = Thresholds()
+    exposed = []
+    for seed in range(9):
+        service = SimulatedService(np.random.default_rng(seed), {"blue": 0.001, "green": 0.001}, rate_rps=2.0)
+        service.advance(3600.0)  # blue's record: an hour at 2 req/s
+        events: list = []
+        ctx = RolloutContext(
+            service,
+            service,
+            SIM,
+            events.append,
+            log=lambda m: None,
+            poll_s=POLL_S,
+            timeout_s=7200,
+            clock=lambda service=service: service.now,
+            sleep=service.advance,
+        )
+        tolerances = ShadowTolerances(threshold=0.5, min_requests=200)
+        result = run_shadow(ctx, MANIFEST, t, tolerances, mirror_percent=100, then_canary=True)
+        assert result.outcome == PROMOTED, result.reason
+        kinds = [e.kind for e in events]
+        assert kinds.index("shadow_passed") < kinds.index("canary_start") < kinds.index("promote")
+        before_canary = [e for e in events[: kinds.index("canary_start")] if e.percent]
+        assert not before_canary  # users only ever got the stable answers while the shadow ran
+        carried = result.evidence["carried_slo_proof"]
+        assert carried["source"] == "shadow" and carried["slo_shown"] and carried["requests"] >= 200
+        exposed.append(result.evidence["cumulative"]["canary_requests"])
+    assert np.median(exposed) <= 1.3 * t.min_requests_per_step, exposed

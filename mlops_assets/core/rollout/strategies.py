@@ -246,10 +246,15 @@ def _deploy_candidate(
 
 
 @guarded
-def run_canary(ctx: RolloutContext, manifest: dict, thresholds: Thresholds) -> RolloutResult:
-    """Ramp the new revision through `thresholds.steps`; promote or roll back on the evidence."""
+def run_canary(
+    ctx: RolloutContext, manifest: dict, thresholds: Thresholds, carried: bluegreen.MirroredHealth | None = None
+) -> RolloutResult:
+    """Ramp the new revision through `thresholds.steps`; promote or roll back on the evidence. `carried`: what a
+    shadow phase of the same revision counted on mirrored requests, which its first step's SLO proof starts from."""
     ctx.started = ctx.clock()
     analysis = CanaryAnalysis(thresholds, started_at=ctx.clock())
+    if carried is not None:
+        analysis.carry_slo_proof(carried.requests, carried.errors, carried.answered, carried.slow, "shadow")
     status, candidate, stable, unchanged = _deploy_candidate(ctx, manifest, analysis.percent, "canary")
     if unchanged is not None:
         return unchanged
@@ -585,32 +590,12 @@ def run_shadow(
     start_counts = ctx.counts(status.url)
     analysis = ShadowAnalysis(tolerances, started_at=ctx.clock())
     cursor = int(ctx.platform.shadow_pairs(ctx.isvc).get("next", 0))
-    verdict = None
-    counters: dict = {}
+    verdict, counters = None, {}
     try:
         status = ctx.platform.set_mirror(ctx.isvc, mirror_percent, max_in_flight)
         reason = f"candidate at 0%; {mirror_percent}% of live requests mirrored to it (at most {max_in_flight} in flight)"
         ctx.event("shadow_start", status, {"candidate": candidate, "stable": stable, "reason": reason}, 0)
-        deadline = ctx.started + ctx.timeout_s
-        while ctx.clock() < deadline:
-            ctx.sleep(ctx.poll_s)
-            pairs, cursor, batch = _shadow_window(ctx, cursor)
-            if batch:  # the router's totals, and the pairs it dropped from its buffer before they were read
-                counters = {**batch, "lost": counters.get("lost", 0) + batch["lost"]}
-            held = verdict is not None and verdict.decision == Decision.HOLD
-            verdict = analysis.observe(pairs, ctx.clock())
-            # Every window with data is an event; a stretch without data is one event when it begins.
-            if pairs or (verdict.decision == Decision.HOLD and not held):
-                kind = "shadow_window" if pairs else "shadow_hold"
-                ctx.event(kind, status, {"reason": verdict.reason, **verdict.evidence, "router": counters}, 0)
-            if verdict.decision in (Decision.PROMOTE, Decision.ROLLBACK):
-                break
-            down = _candidate_down(ctx, candidate, ctx.candidate_crashes)
-            if down is not None:
-                verdict = Verdict(Decision.ROLLBACK, down, 0, {**verdict.evidence, "fired": ["candidate_down"]})
-                break
-        else:
-            verdict = None
+        verdict, counters = _watch_mirrored(ctx, analysis, candidate, cursor, status, "shadow")
     finally:
         status = ctx.platform.set_mirror(ctx.isvc, 0)
     evidence = {**(verdict.evidence if verdict is not None else analysis.observe([], ctx.clock()).evidence), "router": counters}
@@ -628,7 +613,10 @@ def run_shadow(
     ctx.event("shadow_passed", status, {"reason": verdict.reason, **evidence}, 0)
     if then_canary:
         shadow_s = round(ctx.elapsed(), 2)
-        canary = run_canary(ctx, manifest, thresholds)
+        mirrored = bluegreen.MirroredHealth(
+            analysis.pairs, analysis.candidate_errors, analysis.candidate_answered, analysis.candidate_slow
+        )
+        canary = run_canary(ctx, manifest, thresholds, carried=mirrored)
         canary.strategy = strategy
         canary.duration_s = round(canary.duration_s + shadow_s, 2)
         canary.evidence = {**canary.evidence, "shadow": evidence, "disagreements_table": evidence["disagreements_table"]}
