@@ -587,6 +587,11 @@ class CanaryAnalysis:
         self._record = BaselineRecordTest(t.min_rate_ratio, int(requests), int(errors))
         self._record_before = int(requests)
         self._carried: dict[str, Any] | None = None  # the shadow phase's counts, when its proof was carried over
+        # Requests to the service in every window read, with canary requests or not, and the end of the last one: the
+        # request rate. (Windows without canary requests change no evidence, but at a 5% share and a few requests per
+        # second most windows have none, and leaving them out of the rate would underestimate it several-fold.)
+        self._rate_requests = 0
+        self._rate_until = float(started_at)
         self._latency_tail = LatencyTailTest(t.min_rate_ratio, t.latency_ratio_tolerance, t.latency_margin_s)
         self._rollback_tests: dict[str, Any] = {
             "error_vs_baseline": self._error_vs_baseline,
@@ -671,6 +676,9 @@ class CanaryAnalysis:
             # Terminal decisions stick: a re-run job that asks again gets the same answer.
             return self._final
         t = self.thresholds
+        if window is not None:
+            self._rate_requests += int(window.canary_requests) + int(window.baseline_requests)
+            self._rate_until = max(self._rate_until, float(now))
         if window is None or window.canary_requests == 0:
             self._missing_windows += 1
             silent_for = max(0.0, float(now) - self._last_data_at)
@@ -768,9 +776,8 @@ class CanaryAnalysis:
 
     def _observed_rps(self) -> float | None:
         """Requests per second to the service (canary and baseline) since the canary started, or None."""
-        span = self._last_data_at - self.started_at
-        total = self._totals["canary_requests"] + self._totals["baseline_requests"]
-        return total / span if span > 0 and total > 0 else None
+        span = self._rate_until - self.started_at
+        return self._rate_requests / span if span > 0 and self._rate_requests > 0 else None
 
     def _clean_requests_per_step(self, step: int | None = None) -> int:
         """Canary requests step `step` (by default: the later ones) needs at least: those that show the error SLO with
@@ -789,7 +796,7 @@ class CanaryAnalysis:
         if self._schedule["mode"] != "declared" or self._step != 0:
             return None
         rps = self._observed_rps()
-        if rps is None or self._last_data_at - self.started_at < MIN_RATE_ESTIMATE_S:
+        if rps is None or self._rate_until - self.started_at < MIN_RATE_ESTIMATE_S:
             return None
         n_first, n_clean = self._clean_requests_per_step(0), self._clean_requests_per_step()
         declared_s = sum((n_first if i == 0 else n_clean) / (rps * s / 100.0) for i, s in enumerate(self._steps))
