@@ -126,6 +126,29 @@ def test_serving_an_unknown_alias_fails_with_a_clear_message(resources, instance
     assert LocalPlatform(home=resources["platform_services"].home).status("fraud-detector").stable_version == "1"
 
 
+def test_a_namespace_other_than_the_platforms_is_refused_and_nothing_changes(resources, instance):
+    """The run config may name the namespace (MLOPS_NAMESPACE's, here the default) but not change it: a cluster's
+    platform can act in its own namespace only, so another one is an error, not a silent redirect."""
+    serving = _asset("serving", "fraud_detector")
+    assert resources["serving"].namespace == "mlops-serving"
+    result = dg.materialize(
+        [serving],
+        resources=resources,
+        instance=instance,
+        raise_on_error=False,
+        run_config={"ops": {"serving__fraud_detector": {"config": {"namespace": "team-b"}}}},
+    )
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    message = str(failure.step_failure_data.error)
+    assert "'team-b'" in message and "'mlops-serving'" in message and "MLOPS_NAMESPACE" in message
+    status = LocalPlatform(home=resources["platform_services"].home).status("fraud-detector")
+    assert status.stable_version == "1" and status.namespace == "mlops-serving"
+    # Naming the platform's own namespace is fine.
+    same = {"ops": {"serving__fraud_detector": {"config": {"namespace": "mlops-serving"}}}}
+    assert dg.materialize([serving], resources=resources, instance=instance, run_config=same).success
+
+
 def test_bad_training_config_is_refused_before_running(resources, instance):
     model = _asset("models", "fraud_detector")
     with pytest.raises(dg.DagsterInvalidConfigError):

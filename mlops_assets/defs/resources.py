@@ -59,7 +59,7 @@ def build_resources(settings: Settings) -> dict:
     policy = RolloutPolicy(**(settings.rollout or {}))
     return {
         "mlflow": registry,
-        "serving": LocalPlatform(home=str(settings.home), recent_window_s=settings.recent_window_s),
+        "serving": LocalPlatform(home=str(settings.home), namespace=settings.namespace, recent_window_s=settings.recent_window_s),
         "metrics": metrics,
         "prometheus_alerts": PrometheusAlerts(url=settings.prometheus_url or f"http://127.0.0.1:{settings.prometheus_port}"),
         "drift_policy": DriftConfig(home=str(settings.home)),

@@ -85,7 +85,6 @@ from mlops_assets.core.serving.lock import LockInfo, RolloutInProgressError, Rol
 from mlops_assets.core.serving.manifest import (
     ANNOTATION_PREFIX,
     API_VERSION,
-    DEFAULT_NAMESPACE,
     KIND,
     ManifestError,
     check_inference_service,
@@ -183,7 +182,6 @@ class _Expectation:
 class KubernetesPlatform(ServingPlatform):
     """KServe semantics on a Kubernetes cluster: InferenceServices through the API server."""
 
-    namespace: str = DEFAULT_NAMESPACE
     in_cluster: bool = True  # use the pod's ServiceAccount token
     kubeconfig: str = ""  # with in_cluster=False: this kubeconfig file ("" = the default one)
     kube_context: str = ""  # with in_cluster=False: this context ("" = the current one)

@@ -31,7 +31,7 @@ from mlops_assets.core.serving.manifest import (
     predictor_identity,
     validate_dns1035,
 )
-from mlops_assets.core.settings import SHADOW_MAX_IN_FLIGHT
+from mlops_assets.core.settings import DEFAULT_NAMESPACE, SHADOW_MAX_IN_FLIGHT
 
 if TYPE_CHECKING:
     from mlops_assets.core.serving.lock import RolloutLock
@@ -111,6 +111,10 @@ class ServiceStatus:
 
 class ServingPlatform(EngineConfig, ABC):
     """Where InferenceServices run: KServe semantics, local processes or a cluster."""
+
+    #: The namespace of the InferenceServices (MLOPS_NAMESPACE): a cluster's platform works in it alone; locally it
+    #: is recorded with each service.
+    namespace: str = DEFAULT_NAMESPACE
 
     @abstractmethod
     def apply(self, manifest: dict) -> ServiceStatus:

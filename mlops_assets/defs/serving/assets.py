@@ -30,7 +30,6 @@ from mlops_assets.core.rollout.policy import RolloutPolicy, Strategy
 from mlops_assets.core.serving.manifest import Deployment, build_inference_service
 from mlops_assets.core.serving.metrics import MetricsSource, MetricsUnavailableError
 from mlops_assets.core.serving.platform import ServiceStatus, ServingPlatform
-from mlops_assets.core.settings import DEFAULT_NAMESPACE
 from mlops_assets.defs.models.assets import ROLE_TAG
 
 GROUP = "serving"
@@ -42,9 +41,20 @@ ACTIONS = (*[str(s) for s in Strategy], ROLLBACK)
 
 class ServingConfig(dg.Config):
     alias: str = CHAMPION  # the alias a plain materialization deploys
-    namespace: str = DEFAULT_NAMESPACE
+    namespace: str = ""  # "": the serving platform's (MLOPS_NAMESPACE); anything else must be the same
     version: str = ""  # the version a rollout job rolls out (default: the `challenger` alias)
     triggered_by: str = ""
+
+
+def _namespace(config: ServingConfig, serving: ServingPlatform) -> str:
+    """The namespace to deploy in: the platform's, which the run config may name but not change (a cluster's platform
+    can only act in its own namespace; MLOPS_NAMESPACE sets it)."""
+    if config.namespace and config.namespace != serving.namespace:
+        raise dg.Failure(
+            f"run config asks for namespace {config.namespace!r}, but the serving platform works in {serving.namespace!r}: "
+            "set MLOPS_NAMESPACE for the code location instead, or leave `namespace` out"
+        )
+    return serving.namespace
 
 
 def traffic_table(status: ServiceStatus) -> str:
@@ -215,7 +225,7 @@ def build_serving_asset(declaration: ModelDeclaration) -> dg.AssetsDefinition:
                 model_name=model_name,
                 version=version.version,
                 storage_uri=version.download_uri,
-                namespace=config.namespace,
+                namespace=_namespace(config, serving),
                 run_id=version.run_id,
                 triggered_by=config.triggered_by or f"dagster run {context.run_id}",
                 **declaration.deployment_fields(),
@@ -280,7 +290,7 @@ def build_serving_asset(declaration: ModelDeclaration) -> dg.AssetsDefinition:
             model_name=model_name,
             version=version,
             strategy=strategy,
-            namespace=config.namespace,
+            namespace=_namespace(config, serving),
             triggered_by=config.triggered_by or f"dagster run {context.run_id}",
             run_id=context.run_id,
             deployment_fields=declaration.deployment_fields(),
