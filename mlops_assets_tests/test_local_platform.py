@@ -1,8 +1,6 @@
 """LocalPlatform end to end with real processes: KServe model servers and the traffic router on
 127.0.0.1, real MLflow models, real HTTP. Tests run in file order against one InferenceService,
-like an operator's session: deploy, canary, tag routes, roll back, promote, faults, crashes. Nothing here
-judges latency (splits are judged by counts, restarts by generous deadlines), so these run beside the demo,
-not in the `latency` lane that runs alone."""
+like an operator's session: deploy, canary, tag routes, roll back, promote, faults, crashes."""
 
 from __future__ import annotations
 
@@ -23,7 +21,7 @@ from mlops_assets.core.serving.platform import LocalPlatform, RolloutStateError,
 from mlops_assets_tests.conftest import ISVC, MODEL, processes_under
 from mlops_assets_tests.helpers import fire, valid_body
 
-pytestmark = [pytest.mark.e2e]
+pytestmark = [pytest.mark.e2e, pytest.mark.latency]
 
 
 def manifest_for(version, canary: int | None = None, storage_uri: str | None = None) -> dict:
