@@ -10,8 +10,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade "pip>=24"
-.venv/bin/python -m pip install -q -c constraints.txt -e '.[test]'
+# uv installs the pinned set in seconds where pip took about a minute; pip stays the fallback.
+.venv/bin/python -m pip install -q -c constraints.txt uv \
+  && .venv/bin/python -m uv pip install -q --python .venv/bin/python -c constraints.txt -e '.[test]' \
+  || { .venv/bin/python -m pip install -q --upgrade "pip>=24" && .venv/bin/python -m pip install -q -c constraints.txt -e '.[test]'; }
 if ! command -v prometheus >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing Debian's prometheus (tests that need it skip, with the reason, where it cannot be had)"
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null) || echo "prometheus could not be installed"
