@@ -54,7 +54,7 @@ from mlops_assets.core.rollout.analysis import (
     Verdict,
     WindowCounts,
 )
-from mlops_assets.core.rollout.shadow import ShadowTolerances
+from mlops_assets.core.rollout.shadow import ShadowAnalysis, ShadowTolerances
 
 #: The share of alpha the synthetic smoke check may spend on rejecting a green that is in fact healthy; the mirrored
 #: validation spends the rest, so P(reject a healthy green before the switch) <= alpha overall.
@@ -121,6 +121,11 @@ class MirroredHealth:
     errors: int
     answered: int
     slow: int
+
+    @classmethod
+    def of(cls, analysis: ShadowAnalysis) -> MirroredHealth:
+        """What a shadow analysis counted of the candidate on the mirrored requests."""
+        return cls(analysis.pairs, analysis.candidate_errors, analysis.candidate_answered, analysis.candidate_slow)
 
 
 class PostSwitchAnalysis:

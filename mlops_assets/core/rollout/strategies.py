@@ -359,9 +359,7 @@ def _validate_green_on_mirror(
     finally:
         ctx.platform.set_mirror(ctx.isvc, 0)
     evidence = verdict.evidence if verdict is not None else analysis.observe([], ctx.clock()).evidence
-    counted = bluegreen.MirroredHealth(
-        analysis.pairs, analysis.candidate_errors, analysis.candidate_answered, analysis.candidate_slow
-    )
+    counted = bluegreen.MirroredHealth.of(analysis)
     return verdict, {**evidence, "router": router}, counted
 
 
@@ -613,9 +611,7 @@ def run_shadow(
     ctx.event("shadow_passed", status, {"reason": verdict.reason, **evidence}, 0)
     if then_canary:
         shadow_s = round(ctx.elapsed(), 2)
-        mirrored = bluegreen.MirroredHealth(
-            analysis.pairs, analysis.candidate_errors, analysis.candidate_answered, analysis.candidate_slow
-        )
+        mirrored = bluegreen.MirroredHealth.of(analysis)
         canary = run_canary(ctx, manifest, thresholds, carried=mirrored)
         canary.strategy = strategy
         canary.duration_s = round(canary.duration_s + shadow_s, 2)
